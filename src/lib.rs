@@ -1,0 +1,1 @@
+//! microvm: a small, fast KVM virtual machine monitor with a console multiplexer.
