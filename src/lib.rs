@@ -1,1 +1,16 @@
 //! microvm: a small, fast KVM virtual machine monitor with a console multiplexer.
+//!
+//! Map: [`cli`] (clap) -> [`config`] (validated [`config::VmConfig`]) -> [`builder`] (one
+//! function per boot step) -> [`vmm`] (event loop, shutdown). KVM state lives in
+//! [`vstate`], x86 boot details in [`arch`], emulated devices in [`devices`].
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod panic_watch;
+pub mod stdio_console;
+pub mod vmm;
+pub mod vstate;

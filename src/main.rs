@@ -1,1 +1,34 @@
-fn main() {}
+//! microvm's entry point: parse -> build -> run -> exit status.
+
+use clap::Parser;
+
+use microvm::cli::{Cli, Command};
+use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE};
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Command::Attach { .. }) = cli.command {
+        eprintln!("microvm: attach is not available in this build");
+        std::process::exit(EXIT_RUNTIME_ERROR);
+    }
+    let config = match cli.run.to_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("microvm: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let vmm = match microvm::builder::build(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("microvm: {e}");
+            std::process::exit(if e.is_usage() { EXIT_USAGE } else { EXIT_RUNTIME_ERROR });
+        }
+    };
+    let reason = vmm.run();
+    let code = reason.exit_code();
+    if code != 0 {
+        eprintln!("microvm: {reason}");
+    }
+    std::process::exit(code);
+}

@@ -1,0 +1,269 @@
+//! Builds a running VM from a [`VmConfig`], one function per boot step.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{
+    ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
+    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+};
+use crate::arch::x86_64::{acpi, boot, cpuid, regs};
+use crate::config::{BootSource, ConfigError, VmConfig};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::I8042;
+use crate::devices::uart::Uart;
+use crate::exit::ExitNotifier;
+use crate::panic_watch::PanicWatch;
+use crate::stdio_console::{InputTarget, StdinFeeder, StdoutSink};
+use crate::vmm::Vmm;
+use crate::vstate::memory::{self, GuestMemory};
+use crate::vstate::vcpu::{self, Buses, StopFlag};
+use crate::vstate::vm::{self, Vm};
+
+/// Where tiny real-mode guests are loaded and started.
+pub const REAL_MODE_ENTRY: u16 = 0x1000;
+
+/// Errors building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration does not fit this host (a usage error).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The host's KVM is PVM and the kernel is an ordinary one.
+    #[error(
+        "this host's KVM is PVM (kvm_pvm), which boots only PVM guest kernels, and {0} is an ordinary kernel that would hang; run microvm on a host with VT-x/AMD-V, inside the nested rig (make run), or pass --pvm-guest if it is a PVM guest kernel"
+    )]
+    PvmHost(String),
+    /// KVM set-up failed.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Writing ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU register set-up failed.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// vCPU threads could not start.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// Two devices claim the same addresses (a bug).
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// A host resource (eventfd, epoll) could not be created.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// Which resource.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A KVM vCPU ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl BuildError {
+    /// True when the user must change the command line (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, BuildError::Config(_))
+    }
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Host { what, source }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// True when the host's KVM is PVM, which cannot run ordinary kernels.
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Refuses, in one line, to boot an ordinary kernel on a PVM host.
+fn check_pvm(boot: &BootSource) -> Result<(), BuildError> {
+    if let BootSource::Linux {
+        kernel, pvm_guest, ..
+    } = boot
+    {
+        let looks_pvm = boot::kernel_version_string(kernel)
+            .is_some_and(|v| v.to_ascii_lowercase().contains("pvm"));
+        if host_is_pvm() && !pvm_guest && !looks_pvm {
+            return Err(BuildError::PvmHost(kernel.display().to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Opens KVM and checks the configuration against what it supports.
+fn open_kvm(config: &VmConfig) -> Result<Kvm, BuildError> {
+    let kvm = vm::open_kvm()?;
+    let max = kvm.get_max_vcpus();
+    if usize::from(config.vcpus) > max {
+        return Err(ConfigError::TooManyVcpus {
+            given: u16::from(config.vcpus),
+            max,
+        }
+        .into());
+    }
+    Ok(kvm)
+}
+
+/// Loads the guest image(s) and boot structures; returns the boot vCPU's entry point and
+/// whether it starts in long mode.
+fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), BuildError> {
+    match &config.boot {
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+            ..
+        } => {
+            let k = boot::load_kernel(mem, kernel)?;
+            let rd = initrd
+                .as_deref()
+                .map(|p| boot::load_initrd(mem, &k, p))
+                .transpose()?;
+            boot::load_command_line(mem, &k, cmdline)?;
+            let rsdp = acpi::write_tables(mem, config.vcpus, &[])?;
+            boot::write_zero_page(mem, &k, cmdline.len(), rd, rsdp)?;
+            regs::write_boot_tables(mem)?;
+            Ok((k.entry.0, true))
+        }
+        BootSource::RealMode { image } => {
+            boot::load_raw(mem, image, u64::from(REAL_MODE_ENTRY))?;
+            Ok((u64::from(REAL_MODE_ENTRY), false))
+        }
+    }
+}
+
+/// Feeds stdin to the UART.
+struct UartInput<W: std::io::Write + Send>(Arc<Mutex<Uart<W>>>);
+
+impl<W: std::io::Write + Send> InputTarget for UartInput<W> {
+    fn accept(&mut self, data: &[u8]) -> usize {
+        self.0
+            .lock()
+            .map(|mut u| u.enqueue_input(data))
+            .unwrap_or(0)
+    }
+}
+
+/// Creates the legacy devices on the port-I/O bus and the console wiring.
+fn create_devices(
+    vm: &Vm,
+    exit: &ExitNotifier,
+    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+) -> Result<Bus, BuildError> {
+    let mut pio = Bus::new();
+    let irq = vm.irqfd(COM1_IRQ)?;
+    let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
+    let watch = Arc::new(Mutex::new(PanicWatch::new(exit.clone())));
+    let uart = Arc::new(Mutex::new(Uart::new(
+        irq,
+        drained.clone(),
+        StdoutSink::new(watch),
+    )));
+    pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart.clone())?;
+    let feeder = StdinFeeder::new(Box::new(UartInput(uart)), drained);
+    event_manager.add_subscriber(Arc::new(Mutex::new(feeder)));
+    pio.insert(
+        u64::from(I8042_PORT),
+        u64::from(I8042_PORT_LEN),
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    pio.insert(
+        u64::from(ACPI_SLEEP_CONTROL_PORT),
+        u64::from(ACPI_PM_PORT_LEN),
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone(), ACPI_RESET_VALUE))),
+    )?;
+    Ok(pio)
+}
+
+/// Creates and configures the vCPUs and starts their threads.
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    config: &VmConfig,
+    entry: (u64, bool),
+    buses: &Buses,
+    exit: &ExitNotifier,
+    stop: &StopFlag,
+) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu::install_kick_handler()?;
+    let mut fds = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(&supported, id, config.vcpus))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        regs::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_lapic(&fd)?;
+        if id == 0 {
+            match entry {
+                (rip, true) => regs::setup_long_mode(&fd, rip)?,
+                (rip, false) => regs::setup_real_mode(&fd, rip as u16)?,
+            }
+        }
+        fds.push(fd);
+    }
+    let mut handles = Vec::with_capacity(fds.len());
+    for (id, fd) in fds.into_iter().enumerate() {
+        handles.push(vcpu::spawn(
+            id as u8,
+            fd,
+            buses.clone(),
+            exit.clone(),
+            stop.clone(),
+        )?);
+    }
+    Ok(handles)
+}
+
+/// Builds the VM described by `config` and starts its vCPUs.
+pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+    let kvm = open_kvm(config)?;
+    let mem = memory::create(config.memory)?;
+    let vm = Vm::new(&kvm, &mem)?;
+    vm.setup_irqchip()?;
+    let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
+    let mut event_manager =
+        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
+    let pio = create_devices(&vm, &exit, &mut event_manager)?;
+    let entry = load_guest(&mem, config)?;
+    // After loading, so that a missing or garbage kernel is reported as such first.
+    check_pvm(&config.boot)?;
+    let buses = Buses {
+        pio,
+        mmio: Bus::new(),
+    };
+    let stop = StopFlag::default();
+    let vcpus = start_vcpus(&kvm, &vm, config, entry, &buses, &exit, &stop)?;
+    Ok(Vmm::new(event_manager, vcpus, stop, exit, vm, mem))
+}

@@ -1,0 +1,163 @@
+//! The command line (clap types only) and its conversion into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::arch::x86_64::layout::MAX_VCPUS;
+use crate::config::{self, BootSource, ConfigError, VmConfig};
+
+const EXAMPLES: &str = "\
+Examples:
+  Boot a kernel and initramfs with the console on this terminal:
+    microvm --kernel bzImage --initrd initrd.gz
+  Two vCPUs, 1 GiB, an extra kernel parameter:
+    microvm --kernel bzImage --initrd initrd.gz --vcpus 2 --memory 1G --cmdline loglevel=7
+  Console on the terminal and on a unix socket others can attach to:
+    microvm --kernel bzImage --initrd initrd.gz --console mux:sock,stdio
+    microvm attach /tmp/microvm-<pid>.sock
+
+Exit status: 0 guest powered off or rebooted; 1 runtime error; 2 usage error;
+125 guest kernel panic; 128+N stopped by signal N.";
+
+/// microvm: a small, fast KVM virtual machine monitor with a console multiplexer.
+#[derive(Debug, Parser)]
+#[command(
+    name = "microvm",
+    version,
+    about,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// Subcommands (omit to boot a VM).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// VM options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach this terminal to a running VM's console socket.
+    Attach {
+        /// The console socket (from `--console sock=PATH`).
+        socket: PathBuf,
+        /// Watch only: what you type is not sent to the guest.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+/// Options for booting a VM.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest kernel: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH", required_unless_present = "real_mode_image")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (e.g. a gzip'd cpio).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel parameters appended to the default command line.
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Replace the default kernel command line (--cmdline is still appended).
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub cmdline_replace: Option<String>,
+    /// Guest memory: a size with K, M, G or T suffix (plain numbers are MiB).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_VCPUS)))]
+    pub vcpus: u16,
+    /// The console hub the guest's consoles attach to (see CONSOLE below).
+    #[arg(long, value_name = "SPEC", default_value = "stdio")]
+    pub console: String,
+    /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
+    #[arg(long)]
+    pub pvm_guest: bool,
+    /// Boot a flat real-mode image at 0x1000 instead of a kernel (tiny test guests).
+    #[arg(long, value_name = "PATH", hide = true, conflicts_with_all = ["initrd", "cmdline", "cmdline_replace"])]
+    pub real_mode_image: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// Validates the options into a [`VmConfig`].
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let bytes = config::parse_size(&self.memory)?;
+        let memory = config::check_memory(&self.memory, bytes, config::host_memory())?;
+        let boot = match (&self.real_mode_image, &self.kernel) {
+            (Some(image), _) => BootSource::RealMode {
+                image: image.clone(),
+            },
+            (None, kernel) => BootSource::Linux {
+                kernel: kernel.clone().unwrap_or_default(),
+                initrd: self.initrd.clone(),
+                cmdline: config::build_cmdline(
+                    self.cmdline_replace.as_deref(),
+                    self.cmdline.as_deref(),
+                ),
+                pvm_guest: self.pvm_guest,
+            },
+        };
+        Ok(VmConfig {
+            boot,
+            memory,
+            // clap bounds it to 1..=MAX_VCPUS.
+            vcpus: u8::try_from(self.vcpus).unwrap_or(MAX_VCPUS),
+            console: self.console.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("microvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn kernel_is_required() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--kernel", "k"]).is_ok());
+    }
+
+    #[test]
+    fn vcpus_bounds() {
+        assert!(parse(&["--kernel", "k", "--vcpus", "0"]).is_err());
+        assert!(parse(&["--kernel", "k", "--vcpus", "255"]).is_err());
+        assert!(parse(&["--kernel", "k", "--vcpus", "x"]).is_err());
+        assert_eq!(parse(&["--kernel", "k", "--vcpus", "4"]).unwrap().run.vcpus, 4);
+    }
+
+    #[test]
+    fn config_from_args() {
+        let cli = parse(&["--kernel", "k", "--memory", "512M", "--cmdline", "x=1"]).unwrap();
+        let cfg = cli.run.to_config().unwrap();
+        assert_eq!(cfg.memory, 512 << 20);
+        match cfg.boot {
+            BootSource::Linux { cmdline, .. } => assert!(cmdline.ends_with("x=1")),
+            other => panic!("{other:?}"),
+        }
+        let cli = parse(&["--kernel", "k", "--memory", "0"]).unwrap();
+        assert!(cli.run.to_config().is_err());
+    }
+
+    #[test]
+    fn attach_subcommand() {
+        let cli = parse(&["attach", "/tmp/s.sock", "--read-only"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Attach { read_only: true, .. })));
+    }
+
+    #[test]
+    fn help_renders() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,179 @@
+//! The VM's configuration, validated: what the builder needs, with no clap or KVM types.
+
+use std::path::PathBuf;
+
+/// The default kernel command line, chosen for a fast microVM boot: the console on the
+/// 16550, reset through the i8042 (`reboot=k`), reboot one second after a panic (microvm
+/// reports the panic and exits non-zero), no PCI bus to scan, one legacy UART to probe, no
+/// PS/2 mouse or mux probing, and a quiet log (raise it with `--cmdline loglevel=7`).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 \
+i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// The least memory microvm accepts (Linux needs more to do anything useful).
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Errors in the user's configuration (exit status 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size could not be parsed.
+    #[error("invalid size '{0}': use a number with an optional K, M, G or T suffix, e.g. 256M")]
+    BadSize(String),
+    /// Memory below the minimum.
+    #[error("--memory {0}: too small; give at least 16M")]
+    MemoryTooSmall(String),
+    /// Memory not page-aligned.
+    #[error("--memory {0}: not a multiple of 4K")]
+    MemoryUnaligned(String),
+    /// Memory beyond the host's RAM.
+    #[error("--memory {given}: more than this host's {host_mib} MiB of RAM")]
+    MemoryBeyondHost {
+        /// What the user gave.
+        given: String,
+        /// Host RAM.
+        host_mib: u64,
+    },
+    /// vCPUs beyond KVM's limit.
+    #[error("--vcpus {given}: this host's KVM supports at most {max}")]
+    TooManyVcpus {
+        /// What the user gave.
+        given: u16,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootSource {
+    /// A Linux kernel (bzImage or ELF vmlinux) with an optional initrd.
+    Linux {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+        /// The full command line.
+        cmdline: String,
+        /// The kernel is a PVM guest kernel (may boot on a PVM host).
+        pvm_guest: bool,
+    },
+    /// A flat real-mode image loaded at 0x1000 and started there (tiny test guests).
+    RealMode {
+        /// The image.
+        image: PathBuf,
+    },
+}
+
+/// Everything needed to build and run a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// What to boot.
+    pub boot: BootSource,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The console hub's specification (`--console`).
+    pub console: String,
+}
+
+/// Parses sizes like `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 20),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Checks a memory size against the minimum, alignment and the host's RAM.
+pub fn check_memory(given: &str, bytes: u64, host_bytes: Option<u64>) -> Result<u64, ConfigError> {
+    if bytes < MIN_MEMORY {
+        return Err(ConfigError::MemoryTooSmall(given.to_string()));
+    }
+    if bytes % 4096 != 0 {
+        return Err(ConfigError::MemoryUnaligned(given.to_string()));
+    }
+    if let Some(host) = host_bytes {
+        if bytes > host {
+            return Err(ConfigError::MemoryBeyondHost {
+                given: given.to_string(),
+                host_mib: host >> 20,
+            });
+        }
+    }
+    Ok(bytes)
+}
+
+/// The host's RAM from /proc/meminfo, if readable.
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// The command line: the default (or `replace`), then `append`.
+pub fn build_cmdline(replace: Option<&str>, append: Option<&str>) -> String {
+    let mut c = replace.unwrap_or(DEFAULT_CMDLINE).trim().to_string();
+    if let Some(extra) = append.map(str::trim).filter(|s| !s.is_empty()) {
+        if !c.is_empty() {
+            c.push(' ');
+        }
+        c.push_str(extra);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("4096k"), Ok(4 << 20));
+        for bad in ["", "M", "-1M", "1.5G", "12X", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_checks() {
+        assert!(matches!(check_memory("0", 0, None), Err(ConfigError::MemoryTooSmall(_))));
+        assert!(matches!(
+            check_memory("x", (64 << 20) + 1, None),
+            Err(ConfigError::MemoryUnaligned(_))
+        ));
+        assert!(matches!(
+            check_memory("2G", 2 << 30, Some(1 << 30)),
+            Err(ConfigError::MemoryBeyondHost { host_mib: 1024, .. })
+        ));
+        assert_eq!(check_memory("64M", 64 << 20, Some(1 << 30)), Ok(64 << 20));
+    }
+
+    #[test]
+    fn cmdline() {
+        assert_eq!(build_cmdline(None, None), DEFAULT_CMDLINE);
+        assert!(build_cmdline(None, Some("x=1")).ends_with(" quiet x=1"));
+        assert_eq!(build_cmdline(Some("a"), Some("b")), "a b");
+        assert_eq!(build_cmdline(Some(""), None), "");
+    }
+}

@@ -1,0 +1,157 @@
+//! Why the VM stops, and how any thread asks the event loop to stop it.
+//!
+//! Devices (the i8042 reset line, the ACPI sleep register), vCPU threads (triple fault,
+//! KVM errors), the console (Ctrl-A x) and signal handlers all report through one
+//! [`ExitNotifier`]: the first reason recorded wins, and an eventfd wakes the event loop.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Exit status: the guest powered off or rebooted.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: a runtime error in microvm or KVM.
+pub const EXIT_RUNTIME_ERROR: i32 = 1;
+/// Exit status: bad command-line usage.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: the guest kernel panicked.
+pub const EXIT_GUEST_PANIC: i32 = 125;
+/// Exit status base for a fatal host signal (128 + signal number, as shells report it).
+pub const EXIT_SIGNAL_BASE: i32 = 128;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (i8042 reset line, ACPI reset register, triple fault).
+    Reset,
+    /// The guest kernel panicked; the text is the panic line.
+    GuestPanic(String),
+    /// The user asked to quit from the console (Ctrl-A x).
+    UserQuit,
+    /// A host signal (SIGTERM, SIGINT, SIGHUP) asked microvm to stop.
+    Signal(i32),
+    /// microvm or KVM failed while the guest ran.
+    Error(String),
+}
+
+impl ExitReason {
+    /// The process exit status for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::UserQuit => EXIT_OK,
+            ExitReason::GuestPanic(_) => EXIT_GUEST_PANIC,
+            ExitReason::Signal(sig) => EXIT_SIGNAL_BASE + sig,
+            ExitReason::Error(_) => EXIT_RUNTIME_ERROR,
+        }
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reset => write!(f, "guest rebooted"),
+            ExitReason::GuestPanic(line) => write!(f, "guest kernel panic: {line}"),
+            ExitReason::UserQuit => write!(f, "quit from the console"),
+            ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),
+            ExitReason::Error(msg) => write!(f, "{msg}"),
+        }
+    }
+}
+
+/// Shared by every thread that may end the VM. Cheap to clone (an `Arc`).
+#[derive(Clone)]
+pub struct ExitNotifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    reason: Mutex<Option<ExitReason>>,
+    panic: Mutex<Option<String>>,
+    event: EventFd,
+}
+
+impl ExitNotifier {
+    /// Creates a notifier with a fresh non-blocking eventfd.
+    pub fn new() -> std::io::Result<ExitNotifier> {
+        Ok(ExitNotifier {
+            inner: Arc::new(Inner {
+                reason: Mutex::new(None),
+                panic: Mutex::new(None),
+                event: EventFd::new(libc::EFD_NONBLOCK)?,
+            }),
+        })
+    }
+
+    /// Records `reason` unless one was recorded already, and wakes the event loop.
+    pub fn exit(&self, reason: ExitReason) {
+        if let Ok(mut slot) = self.inner.reason.lock() {
+            if slot.is_none() {
+                *slot = Some(reason);
+            }
+        }
+        // A full eventfd counter still wakes the loop, so a failed write loses nothing.
+        let _ = self.inner.event.write(1);
+    }
+
+    /// Records that the guest kernel panicked (seen on its console). A reset or power-off
+    /// that follows is then reported as the panic.
+    pub fn note_panic(&self, line: String) {
+        if let Ok(mut p) = self.inner.panic.lock() {
+            p.get_or_insert(line);
+        }
+    }
+
+    /// The reason to report: the recorded one, with a reset or power-off that followed a
+    /// panic reported as the panic.
+    pub fn reason(&self) -> Option<ExitReason> {
+        let reason = self.inner.reason.lock().ok().and_then(|r| r.clone())?;
+        let panic = self.inner.panic.lock().ok().and_then(|p| p.clone());
+        Some(match (reason, panic) {
+            (ExitReason::Reset | ExitReason::PowerOff, Some(line)) => ExitReason::GuestPanic(line),
+            (reason, _) => reason,
+        })
+    }
+
+    /// The eventfd the event loop watches.
+    pub fn event(&self) -> &EventFd {
+        &self.inner.event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let n = ExitNotifier::new().unwrap();
+        n.exit(ExitReason::PowerOff);
+        n.exit(ExitReason::Reset);
+        assert_eq!(n.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(n.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn panic_explains_the_reset_after_it() {
+        let n = ExitNotifier::new().unwrap();
+        n.note_panic("Kernel panic - not syncing: x".into());
+        assert_eq!(n.reason(), None);
+        n.exit(ExitReason::Reset);
+        assert_eq!(n.reason().unwrap().exit_code(), EXIT_GUEST_PANIC);
+        let m = ExitNotifier::new().unwrap();
+        m.note_panic("p".into());
+        m.exit(ExitReason::UserQuit);
+        assert_eq!(m.reason(), Some(ExitReason::UserQuit));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+        assert_eq!(ExitReason::Signal(15).exit_code(), 143);
+        assert_eq!(ExitReason::Error("x".into()).exit_code(), 1);
+    }
+}

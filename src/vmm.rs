@@ -1,0 +1,117 @@
+//! The running VM: the event loop on the main thread, and an orderly shutdown.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{StopFlag, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// How long the event loop sleeps at most between checks of the exit state.
+const LOOP_TIMEOUT_MS: i32 = 500;
+/// How long a vCPU thread may take to leave KVM_RUN once kicked.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The eventfd the signal handler writes to (-1 until installed).
+static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+/// The last terminating signal received (0 if none).
+static SIGNAL_RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNAL_RECEIVED.store(sig, Ordering::SeqCst);
+    let fd = SIGNAL_EVENT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live local.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Routes SIGTERM, SIGINT and SIGHUP to a clean shutdown, and ignores SIGPIPE so that a
+/// closed console consumer never kills the VM.
+fn install_signal_handlers(exit: &ExitNotifier) {
+    SIGNAL_EVENT_FD.store(exit.event().as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // Failing leaves the default action (terminate), which is still an exit.
+        let _ = vmm_sys_util::signal::register_signal_handler(sig, on_terminate);
+    }
+    // SAFETY: setting SIGPIPE's disposition to SIG_IGN has no memory-safety requirements.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Wakes the event loop when any thread requests an exit.
+struct ExitWatcher {
+    exit: ExitNotifier,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.event().read();
+        let sig = SIGNAL_RECEIVED.load(Ordering::SeqCst);
+        if sig != 0 {
+            self.exit.exit(ExitReason::Signal(sig));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.exit.event(), EventSet::IN));
+    }
+}
+
+/// A running VM.
+pub struct Vmm {
+    event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    vcpus: Vec<VcpuHandle>,
+    stop: StopFlag,
+    exit: ExitNotifier,
+    // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
+    _vm: Vm,
+    _memory: GuestMemory,
+}
+
+impl Vmm {
+    /// Wraps the parts the builder made.
+    pub fn new(
+        mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        vcpus: Vec<VcpuHandle>,
+        stop: StopFlag,
+        exit: ExitNotifier,
+        vm: Vm,
+        memory: GuestMemory,
+    ) -> Vmm {
+        install_signal_handlers(&exit);
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+        Vmm {
+            event_manager,
+            vcpus,
+            stop,
+            exit,
+            _vm: vm,
+            _memory: memory,
+        }
+    }
+
+    /// Runs the event loop until the VM ends; stops the vCPUs and returns why it ended.
+    pub fn run(mut self) -> ExitReason {
+        while self.exit.reason().is_none() {
+            if let Err(e) = self.event_manager.run_with_timeout(LOOP_TIMEOUT_MS) {
+                self.exit
+                    .exit(ExitReason::Error(format!("event loop failed: {e:?}")));
+            }
+        }
+        self.stop.set();
+        for v in &mut self.vcpus {
+            v.stop_and_join(VCPU_STOP_TIMEOUT);
+        }
+        // Deliver what the guest wrote before it stopped (and let the panic watch see it).
+        let _ = self.event_manager.run_with_timeout(0);
+        self.exit
+            .reason()
+            .unwrap_or_else(|| ExitReason::Error("VM stopped for no recorded reason".into()))
+    }
+}

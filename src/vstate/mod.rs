@@ -1,0 +1,5 @@
+//! KVM state: guest memory, the VM (irqchip, PIT, irqfds) and the vCPU threads.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,257 @@
+//! vCPU threads: `KVM_RUN` in a loop, each exit handed to [`handle_exit`], which routes
+//! port I/O and MMIO to the buses and turns shutdowns and failures into an [`ExitReason`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, register_signal_handler};
+
+use crate::devices::bus::Bus;
+use crate::exit::{ExitNotifier, ExitReason};
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Errors starting vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The thread could not be spawned.
+    #[error("cannot start vCPU thread {id}: {source}")]
+    Spawn {
+        /// vCPU index.
+        id: u8,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The buses a vCPU's exits are routed to.
+#[derive(Clone)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// What the vCPU loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Enter the guest again.
+    Continue,
+    /// Stop this vCPU: the VM is ending for the given reason.
+    Stop(ExitReason),
+}
+
+/// Routes one vCPU exit. A free function over plain values so it can be tested without a
+/// guest. Accesses no device decodes read as all ones and are otherwise ignored, as on a
+/// real bus.
+pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses, vcpu_id: u8) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            buses.pio.write(u64::from(port), data);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            buses.mmio.write(addr, data);
+            ExitAction::Continue
+        }
+        // A triple fault: real hardware resets.
+        VcpuExit::Shutdown => ExitAction::Stop(ExitReason::Reset),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(ExitReason::PowerOff),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(ExitReason::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => {
+                ExitAction::Stop(ExitReason::GuestPanic(format!("vCPU {vcpu_id} crashed")))
+            }
+            other => ExitAction::Stop(ExitReason::Error(format!(
+                "vCPU {vcpu_id}: unexpected KVM system event {other}"
+            ))),
+        },
+        // Without an in-kernel irqchip (tiny test guests) HLT with interrupts off ends the run.
+        VcpuExit::Hlt => ExitAction::Stop(ExitReason::PowerOff),
+        VcpuExit::Intr => ExitAction::Continue,
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(ExitReason::Error(format!(
+            "vCPU {vcpu_id}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})"
+        ))),
+        VcpuExit::InternalError => ExitAction::Stop(ExitReason::Error(format!(
+            "vCPU {vcpu_id}: KVM internal error (often an unsupported guest instruction)"
+        ))),
+        other => ExitAction::Stop(ExitReason::Error(format!(
+            "vCPU {vcpu_id}: unexpected KVM exit {other:?}"
+        ))),
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick signal handler; `KVM_RUN` then returns `EINTR` when kicked.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::SignalHandler)
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    thread: Option<JoinHandle<()>>,
+    done: Arc<AtomicBool>,
+}
+
+/// Tells every vCPU thread to stop.
+#[derive(Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// Requests the stop.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts vCPU `id` on its own thread.
+pub fn spawn(
+    id: u8,
+    mut vcpu: VcpuFd,
+    buses: Buses,
+    exit: ExitNotifier,
+    stop: StopFlag,
+) -> Result<VcpuHandle, VcpuError> {
+    let done = Arc::new(AtomicBool::new(false));
+    let done_thread = done.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || {
+            while !stop.is_set() {
+                let action = match vcpu.run() {
+                    Ok(exit) => handle_exit(exit, &buses, id),
+                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                        ExitAction::Continue
+                    }
+                    Err(e) => ExitAction::Stop(ExitReason::Error(format!(
+                        "vCPU {id}: KVM_RUN failed: {e}"
+                    ))),
+                };
+                if let ExitAction::Stop(reason) = action {
+                    exit.exit(reason);
+                    break;
+                }
+            }
+            done_thread.store(true, Ordering::SeqCst);
+        })
+        .map_err(|source| VcpuError::Spawn { id, source })?;
+    Ok(VcpuHandle {
+        thread: Some(thread),
+        done,
+    })
+}
+
+impl VcpuHandle {
+    /// Kicks the thread out of `KVM_RUN` until it has seen the stop flag, then joins it.
+    /// Gives up after `timeout` (the thread is then left to die with the process).
+    pub fn stop_and_join(&mut self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.done.load(Ordering::SeqCst) {
+            if let Some(t) = &self.thread {
+                // The signal can arrive before KVM_RUN is entered; we retry until done.
+                let _ = t.kill(kick_signal());
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use std::sync::Mutex;
+
+    struct Echo(u8);
+    impl BusDevice for Echo {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(self.0);
+        }
+        fn write(&mut self, _: u64, data: &[u8]) {
+            self.0 = data[0];
+        }
+    }
+
+    fn buses() -> Buses {
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0)))).unwrap();
+        Buses {
+            pio,
+            mmio: Bus::new(),
+        }
+    }
+
+    #[test]
+    fn port_io_reaches_the_device() {
+        let b = buses();
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[0x41]), &b, 0), ExitAction::Continue);
+        let mut data = [0u8];
+        handle_exit(VcpuExit::IoIn(0x3f8, &mut data), &b, 0);
+        assert_eq!(data[0], 0x41);
+    }
+
+    #[test]
+    fn unclaimed_reads_are_all_ones() {
+        let b = buses();
+        let mut data = [0u8; 2];
+        handle_exit(VcpuExit::IoIn(0x70, &mut data), &b, 0);
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [0u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), &b, 0);
+        assert_eq!(data, [0xff; 4]);
+    }
+
+    #[test]
+    fn shutdowns_stop() {
+        let b = buses();
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, &b, 0),
+            ExitAction::Stop(ExitReason::Reset)
+        );
+        assert_eq!(
+            handle_exit(
+                VcpuExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
+                &b,
+                0
+            ),
+            ExitAction::Stop(ExitReason::PowerOff)
+        );
+        assert!(matches!(
+            handle_exit(VcpuExit::InternalError, &b, 1),
+            ExitAction::Stop(ExitReason::Error(_))
+        ));
+    }
+}
