@@ -82,7 +82,13 @@ pub enum BuildError {
 impl BuildError {
     /// True when the user must change the command line (exit status 2).
     pub fn is_usage(&self) -> bool {
-        matches!(self, BuildError::Config(_))
+        matches!(
+            self,
+            BuildError::Config(_)
+                | BuildError::Boot(
+                    boot::BootError::CmdlineTooLong { .. } | boot::BootError::InitrdTooLarge { .. }
+                )
+        )
     }
 }
 
@@ -252,9 +258,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let vm = Vm::new(&kvm, &mem)?;
     vm.setup_irqchip()?;
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
-    let mut event_manager =
-        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-            .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
+    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
     let pio = create_devices(&vm, &exit, &mut event_manager)?;
     let entry = load_guest(&mem, config)?;
     // After loading, so that a missing or garbage kernel is reported as such first.

@@ -133,7 +133,10 @@ mod tests {
         assert!(parse(&["--kernel", "k", "--vcpus", "0"]).is_err());
         assert!(parse(&["--kernel", "k", "--vcpus", "255"]).is_err());
         assert!(parse(&["--kernel", "k", "--vcpus", "x"]).is_err());
-        assert_eq!(parse(&["--kernel", "k", "--vcpus", "4"]).unwrap().run.vcpus, 4);
+        assert_eq!(
+            parse(&["--kernel", "k", "--vcpus", "4"]).unwrap().run.vcpus,
+            4
+        );
     }
 
     #[test]
@@ -152,7 +155,13 @@ mod tests {
     #[test]
     fn attach_subcommand() {
         let cli = parse(&["attach", "/tmp/s.sock", "--read-only"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Attach { read_only: true, .. })));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Attach {
+                read_only: true,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -105,16 +105,14 @@ pub fn check_memory(given: &str, bytes: u64, host_bytes: Option<u64>) -> Result<
     if bytes < MIN_MEMORY {
         return Err(ConfigError::MemoryTooSmall(given.to_string()));
     }
-    if bytes % 4096 != 0 {
+    if !bytes.is_multiple_of(4096) {
         return Err(ConfigError::MemoryUnaligned(given.to_string()));
     }
-    if let Some(host) = host_bytes {
-        if bytes > host {
-            return Err(ConfigError::MemoryBeyondHost {
-                given: given.to_string(),
-                host_mib: host >> 20,
-            });
-        }
+    if let Some(host) = host_bytes.filter(|&host| bytes > host) {
+        return Err(ConfigError::MemoryBeyondHost {
+            given: given.to_string(),
+            host_mib: host >> 20,
+        });
     }
     Ok(bytes)
 }
@@ -157,7 +155,10 @@ mod tests {
 
     #[test]
     fn memory_checks() {
-        assert!(matches!(check_memory("0", 0, None), Err(ConfigError::MemoryTooSmall(_))));
+        assert!(matches!(
+            check_memory("0", 0, None),
+            Err(ConfigError::MemoryTooSmall(_))
+        ));
         assert!(matches!(
             check_memory("x", (64 << 20) + 1, None),
             Err(ConfigError::MemoryUnaligned(_))

@@ -89,9 +89,7 @@ impl ExitNotifier {
     /// Records `reason` unless one was recorded already, and wakes the event loop.
     pub fn exit(&self, reason: ExitReason) {
         if let Ok(mut slot) = self.inner.reason.lock() {
-            if slot.is_none() {
-                *slot = Some(reason);
-            }
+            slot.get_or_insert(reason);
         }
         // A full eventfd counter still wakes the loop, so a failed write loses nothing.
         let _ = self.inner.event.write(1);

@@ -22,7 +22,11 @@ fn main() {
         Ok(v) => v,
         Err(e) => {
             eprintln!("microvm: {e}");
-            std::process::exit(if e.is_usage() { EXIT_USAGE } else { EXIT_RUNTIME_ERROR });
+            std::process::exit(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_RUNTIME_ERROR
+            });
         }
     };
     let reason = vmm.run();

@@ -45,7 +45,9 @@ impl PanicWatch {
                 .windows(PANIC_MARK.len())
                 .position(|w| w == PANIC_MARK)
                 .unwrap_or(0);
-            let text = String::from_utf8_lossy(&line[start..]).trim_end().to_string();
+            let text = String::from_utf8_lossy(&line[start..])
+                .trim_end()
+                .to_string();
             self.exit.note_panic(text.clone());
             self.panic_line = Some(text);
         } else if contains(END_MARK) {
@@ -68,7 +70,9 @@ mod tests {
     fn panic_then_end_mark_exits() {
         let n = ExitNotifier::new().unwrap();
         let mut w = PanicWatch::new(n.clone());
-        w.observe(b"[    1.0] Kernel panic - not syncing: sysrq triggered crash\r\n[ 1.1] Call Trace:\n");
+        w.observe(
+            b"[    1.0] Kernel panic - not syncing: sysrq triggered crash\r\n[ 1.1] Call Trace:\n",
+        );
         assert_eq!(n.reason(), None);
         w.observe(b"[ 1.2] ---[ end Kernel panic - not syncing: sysrq");
         w.observe(b" triggered crash ]---\r\n");

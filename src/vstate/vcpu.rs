@@ -217,7 +217,10 @@ mod tests {
     #[test]
     fn port_io_reaches_the_device() {
         let b = buses();
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, &[0x41]), &b, 0), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, &[0x41]), &b, 0),
+            ExitAction::Continue
+        );
         let mut data = [0u8];
         handle_exit(VcpuExit::IoIn(0x3f8, &mut data), &b, 0);
         assert_eq!(data[0], 0x41);

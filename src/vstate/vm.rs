@@ -13,9 +13,14 @@ use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 pub enum VmError {
     /// `/dev/kvm` is missing or not accessible.
     #[error(
-        "cannot open /dev/kvm: {0} (is KVM enabled and do you have permission? try: sudo usermod -aG kvm $USER, then log in again)"
+        "cannot open {path}: {source} (is KVM enabled, and may you use it? try: sudo usermod -aG kvm $USER, then log in again)"
     )]
-    OpenKvm(#[source] kvm_ioctls::Error),
+    OpenKvm {
+        /// The device path.
+        path: String,
+        /// The OS error.
+        source: kvm_ioctls::Error,
+    },
     /// The KVM API version is not the stable one.
     #[error("unsupported KVM API version {0} (expected 12)")]
     ApiVersion(i32),
@@ -36,9 +41,22 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// Opens `/dev/kvm` and checks the API version.
+/// The KVM device; the environment variable `MICROVM_KVM_DEVICE` may name another path
+/// (used by tests to check the error for a missing device).
+fn kvm_device_path() -> String {
+    std::env::var("MICROVM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
+}
+
+/// Opens the KVM device and checks the API version.
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let path = kvm_device_path();
+    let open_err = |source| VmError::OpenKvm {
+        path: path.clone(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.clone())
+        .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(open_err)?;
     let version = kvm.get_api_version();
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(VmError::ApiVersion(version));

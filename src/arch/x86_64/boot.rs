@@ -139,6 +139,14 @@ pub fn kernel_version_string(path: &Path) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
+/// True when the file has the bzImage "HdrS" magic at 0x202.
+fn has_hdrs_magic(file: &mut File) -> bool {
+    let mut magic = [0u8; 4];
+    file.seek(SeekFrom::Start(0x202)).is_ok()
+        && file.read_exact(&mut magic).is_ok()
+        && u32::from_le_bytes(magic) == HDRS_MAGIC
+}
+
 /// Loads the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootError> {
     let file_err = |source| BootError::KernelFile {
@@ -155,9 +163,17 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     if n == 0 {
         return Err(bad_kernel(path, "the file is empty"));
     }
+    let is_elf = n == 4 && magic == *b"\x7fELF";
+    if !is_elf && !has_hdrs_magic(&mut file) {
+        return Err(bad_kernel(
+            path,
+            "no bzImage header ('HdrS' at 0x202) and no ELF magic",
+        ));
+    }
+    file.seek(SeekFrom::Start(0)).map_err(file_err)?;
     file.seek(SeekFrom::Start(0)).map_err(file_err)?;
 
-    if n == 4 && magic == *b"\x7fELF" {
+    if is_elf {
         let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| bad_kernel(path, format!("ELF: {e}")))?;
         let header = setup_header {
@@ -349,7 +365,10 @@ pub fn load_raw(mem: &GuestMemory, path: &Path, addr: u64) -> Result<(), BootErr
         source,
     })?;
     if bytes.is_empty() || addr + bytes.len() as u64 > EBDA_START {
-        return Err(bad_kernel(path, "real-mode image is empty or larger than low memory"));
+        return Err(bad_kernel(
+            path,
+            "real-mode image is empty or larger than low memory",
+        ));
     }
     mem.write_slice(&bytes, GuestAddress(addr))
         .map_err(|e| BootError::Memory {
@@ -384,7 +403,9 @@ mod tests {
         let elf = tmpfile("elf", b"\x7fELF\x02\x01\x01\0garbage");
         let e = load_kernel(&m, &elf).unwrap_err().to_string();
         assert!(e.contains("ELF"), "{e}");
-        let e = load_kernel(&m, Path::new("/nonexistent/k")).unwrap_err().to_string();
+        let e = load_kernel(&m, Path::new("/nonexistent/k"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read kernel"), "{e}");
         let e = load_kernel(&m, Path::new("/")).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");

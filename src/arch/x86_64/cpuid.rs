@@ -19,7 +19,11 @@ const LEVEL_TYPE_CORE: u32 = 2;
 
 /// Bits needed to number `n` items (ceil(log2(n))).
 fn bits_for(n: u32) -> u32 {
-    if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() }
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
 }
 
 /// Adjusts `entry` for vCPU `id` of `count`.
@@ -66,12 +70,8 @@ fn patch_entry(entry: &mut kvm_cpuid_entry2, id: u8, count: u8) {
                 }
             }
         }
-        LEAF_EXTENDED_FEATURES => {
-            // Report cores through the legacy CMP bit on AMD-style topologies.
-            if count > 1 {
-                entry.ecx |= ECX_AMD_CMP_LEGACY;
-            }
-        }
+        // Report cores through the legacy CMP bit on AMD-style topologies.
+        LEAF_EXTENDED_FEATURES if count > 1 => entry.ecx |= ECX_AMD_CMP_LEGACY,
         LEAF_AMD_ADDR_SIZES => {
             // ECX[15:12]: APIC id bits for the core; ECX[7:0]: cores - 1.
             entry.ecx = (entry.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
@@ -133,9 +133,6 @@ mod tests {
 
     #[test]
     fn bit_widths() {
-        assert_eq!(
-            [1, 2, 3, 4, 5, 254].map(bits_for),
-            [0, 1, 2, 2, 3, 8]
-        );
+        assert_eq!([1, 2, 3, 4, 5, 254].map(bits_for), [0, 1, 2, 2, 3, 8]);
     }
 }

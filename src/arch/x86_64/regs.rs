@@ -7,8 +7,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START,
-    ZERO_PAGE_START,
+    BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -102,7 +101,12 @@ fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     }
 }
 
-fn write_u64s(mem: &GuestMemory, addr: u64, values: &[u64], what: &'static str) -> Result<(), RegsError> {
+fn write_u64s(
+    mem: &GuestMemory,
+    addr: u64,
+    values: &[u64],
+    what: &'static str,
+) -> Result<(), RegsError> {
     for (i, v) in values.iter().enumerate() {
         mem.write_obj(*v, GuestAddress(addr + 8 * i as u64))
             .map_err(|source| RegsError::Memory { what, source })?;
@@ -293,6 +297,9 @@ mod tests {
 
     #[test]
     fn apic_mode_bits() {
-        assert_eq!(set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI), 0x0001_0400);
+        assert_eq!(
+            set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI),
+            0x0001_0400
+        );
     }
 }
