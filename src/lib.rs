@@ -1,1 +1,3 @@
 //! microvm: a small, fast KVM virtual machine monitor with a console multiplexer.
+
+pub mod mux;
