@@ -10,7 +10,7 @@
 use super::MuxError;
 use super::term::{self, EscapeAction, EscapeKeys, EscapeParser, RawMode};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -51,12 +51,22 @@ fn say(msg: &str) {
 /// Connect to a console socket and relay stdin/stdout until detach or until the VM
 /// closes the console. Returns the process exit status to use (0).
 pub fn attach(path: &Path, read_only: bool) -> Result<i32, MuxError> {
+    attach_fds(path, read_only, libc::STDIN_FILENO, libc::STDOUT_FILENO)
+}
+
+/// [`attach`] with explicit input and output fds (tests use pipes).
+pub fn attach_fds(
+    path: &Path,
+    read_only: bool,
+    input: RawFd,
+    output: RawFd,
+) -> Result<i32, MuxError> {
     let mut sock = UnixStream::connect(path).map_err(|source| MuxError::Connect {
         path: path.to_path_buf(),
         source,
     })?;
     sock.set_nonblocking(true).map_err(MuxError::Attach)?;
-    let stdin_fd = libc::STDIN_FILENO;
+    let stdin_fd = input;
     let tty = term::is_tty(stdin_fd);
     let _raw = if tty { RawMode::enter(stdin_fd)? } else { None };
     if tty {
@@ -113,7 +123,7 @@ pub fn attach(path: &Path, read_only: bool) -> Result<i32, MuxError> {
                         return Ok(0);
                     }
                     Ok(n) => {
-                        if write_all_fd(libc::STDOUT_FILENO, &buf[..n]).is_err() {
+                        if write_all_fd(output, &buf[..n]).is_err() {
                             return Ok(0);
                         }
                     }
