@@ -17,11 +17,11 @@ use crate::config::{BootSource, ConfigError, VmConfig};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
-use crate::devices::uart::Uart;
+use crate::devices::uart::{ConsoleSink, Uart};
 use crate::exit::ExitNotifier;
+use crate::mux::{ConsoleSpec, FrontendInput, Hub, MuxError};
 use crate::panic_watch::PanicWatch;
-use crate::stdio_console::{InputTarget, StdinFeeder, StdoutSink};
-use crate::vmm::Vmm;
+use crate::vmm::{Consoles, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{self, Buses, StopFlag};
 use crate::vstate::vm::{self, Vm};
@@ -58,6 +58,9 @@ pub enum BuildError {
     /// vCPU threads could not start.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A console hub could not be set up (a socket path in use, a missing directory...).
+    #[error(transparent)]
+    Console(#[from] MuxError),
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -162,36 +165,89 @@ fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), Build
     }
 }
 
-/// Feeds stdin to the UART.
-struct UartInput<W: std::io::Write + Send>(Arc<Mutex<Uart<W>>>);
+/// The UART as a console hub frontend: input goes into its receive FIFO, and its
+/// "drained" eventfd tells the hub when the guest has emptied it.
+struct UartInput<W: ConsoleSink> {
+    uart: Arc<Mutex<Uart<W>>>,
+    drained: Arc<EventFd>,
+}
 
-impl<W: std::io::Write + Send> InputTarget for UartInput<W> {
+impl<W: ConsoleSink> FrontendInput for UartInput<W> {
     fn accept(&mut self, data: &[u8]) -> usize {
-        self.0
+        self.uart
             .lock()
             .map(|mut u| u.enqueue_input(data))
             .unwrap_or(0)
     }
+
+    fn drained_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.drained.as_ref())
+    }
+
+    fn ack_drained(&mut self) {
+        let _ = self.drained.read();
+    }
 }
 
-/// Creates the legacy devices on the port-I/O bus and the console wiring.
-fn create_devices(
-    vm: &Vm,
+/// Creates a console hub for `spec`, watched for guest panics.
+fn create_hub(
+    spec: &ConsoleSpec,
+    consoles: &Consoles,
     exit: &ExitNotifier,
-    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-) -> Result<Bus, BuildError> {
-    let mut pio = Bus::new();
+) -> Result<Arc<Mutex<Hub>>, BuildError> {
+    let quit = consoles.quit.try_clone().map_err(host_err("eventfd"))?;
+    let mut hub = Hub::new(spec, quit)?;
+    let mut watch = PanicWatch::new(exit.clone());
+    hub.add_observer(Box::new(move |chunk| watch.observe(chunk)));
+    Ok(Arc::new(Mutex::new(hub)))
+}
+
+/// Creates the console hubs: `--console`, and `--serial` when the UART has its own.
+fn create_consoles(config: &VmConfig, exit: &ExitNotifier) -> Result<Consoles, BuildError> {
+    let mut consoles = Consoles {
+        hubs: Vec::new(),
+        quit: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?,
+    };
+    let console = create_hub(&config.console, &consoles, exit)?;
+    consoles.hubs.push(console);
+    if let Some(serial) = &config.serial {
+        let hub = create_hub(serial, &consoles, exit)?;
+        consoles.hubs.push(hub);
+    }
+    Ok(consoles)
+}
+
+/// Creates the 16550 UART on the last hub (the `--serial` hub if there is one).
+fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildError> {
+    let Some(hub) = consoles.hubs.last() else {
+        return Ok(());
+    };
+    let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let irq = vm.irqfd(COM1_IRQ)?;
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-    let watch = Arc::new(Mutex::new(PanicWatch::new(exit.clone())));
-    let uart = Arc::new(Mutex::new(Uart::new(
-        irq,
-        drained.clone(),
-        StdoutSink::new(watch),
-    )));
-    pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart.clone())?;
-    let feeder = StdinFeeder::new(Box::new(UartInput(uart)), drained);
-    event_manager.add_subscriber(Arc::new(Mutex::new(feeder)));
+    let writer = hub.writer();
+    let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), writer)));
+    hub.add_frontend(
+        "ttyS0",
+        Box::new(UartInput {
+            uart: uart.clone(),
+            drained,
+        }),
+    )?;
+    let paced = uart.clone();
+    hub.on_decongested(Box::new(move || {
+        if let Ok(mut u) = paced.lock() {
+            u.raise_thre();
+        }
+    }));
+    pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart)?;
+    Ok(())
+}
+
+/// Creates the legacy devices on the port-I/O bus.
+fn create_devices(vm: &Vm, exit: &ExitNotifier, consoles: &Consoles) -> Result<Bus, BuildError> {
+    let mut pio = Bus::new();
+    create_uart(vm, consoles, &mut pio)?;
     pio.insert(
         u64::from(I8042_PORT),
         u64::from(I8042_PORT_LEN),
@@ -260,15 +316,28 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
-    let pio = create_devices(&vm, &exit, &mut event_manager)?;
     let entry = load_guest(&mem, config)?;
     // After loading, so that a missing or garbage kernel is reported as such first.
     check_pvm(&config.boot)?;
+    // Consoles last: bad input must not leave a socket or log file behind.
+    let consoles = create_consoles(config, &exit)?;
+    let pio = create_devices(&vm, &exit, &consoles)?;
     let buses = Buses {
         pio,
         mmio: Bus::new(),
     };
     let stop = StopFlag::default();
     let vcpus = start_vcpus(&kvm, &vm, config, entry, &buses, &exit, &stop)?;
-    Ok(Vmm::new(event_manager, vcpus, stop, exit, vm, mem))
+    for hub in &consoles.hubs {
+        event_manager.add_subscriber(hub.clone());
+    }
+    Ok(Vmm::new(
+        event_manager,
+        vcpus,
+        stop,
+        exit,
+        consoles,
+        vm,
+        mem,
+    ))
 }

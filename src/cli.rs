@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::arch::x86_64::layout::MAX_VCPUS;
 use crate::config::{self, BootSource, ConfigError, VmConfig};
+use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -17,8 +18,12 @@ Examples:
     microvm --kernel bzImage --initrd initrd.gz --console mux:sock,stdio
     microvm attach /tmp/microvm-<pid>.sock
 
-Exit status: 0 guest powered off or rebooted; 1 runtime error; 2 usage error;
-125 guest kernel panic; 128+N stopped by signal N.";
+Exit status: 0 guest powered off or rebooted (or Ctrl-A x); 1 runtime error;
+2 usage error; 125 guest kernel panic; 128+N stopped by signal N.";
+
+fn after_help() -> String {
+    format!("{EXAMPLES}\n\n{CONSOLE_SPEC_HELP}")
+}
 
 /// microvm: a small, fast KVM virtual machine monitor with a console multiplexer.
 #[derive(Debug, Parser)]
@@ -26,7 +31,7 @@ Exit status: 0 guest powered off or rebooted; 1 runtime error; 2 usage error;
     name = "microvm",
     version,
     about,
-    after_help = EXAMPLES,
+    after_help = after_help(),
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -74,9 +79,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_VCPUS)))]
     pub vcpus: u16,
-    /// The console hub the guest's consoles attach to (see CONSOLE below).
+    /// The console hub the guest's consoles attach to (see "Console spec" below).
     #[arg(long, value_name = "SPEC", default_value = "stdio")]
     pub console: String,
+    /// Give the 16550 UART (ttyS0) a hub of its own instead of the --console hub.
+    #[arg(long, value_name = "SPEC")]
+    pub serial: Option<String>,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -109,7 +117,12 @@ impl RunArgs {
             memory,
             // clap bounds it to 1..=MAX_VCPUS.
             vcpus: u8::try_from(self.vcpus).unwrap_or(MAX_VCPUS),
-            console: self.console.clone(),
+            console: config::parse_console("console", &self.console)?,
+            serial: self
+                .serial
+                .as_deref()
+                .map(|s| config::parse_console("serial", s))
+                .transpose()?,
         })
     }
 }
@@ -150,6 +163,25 @@ mod tests {
         }
         let cli = parse(&["--kernel", "k", "--memory", "0"]).unwrap();
         assert!(cli.run.to_config().is_err());
+    }
+
+    #[test]
+    fn console_specs() {
+        let cli = parse(&[
+            "--kernel",
+            "k",
+            "--console",
+            "mux:ring,stdio",
+            "--serial",
+            "ring",
+        ])
+        .unwrap();
+        let cfg = cli.run.to_config().unwrap();
+        assert_eq!(cfg.console.backends.len(), 2);
+        assert!(cfg.serial.is_some());
+        let cli = parse(&["--kernel", "k", "--console", "mux:stdio,bogus"]).unwrap();
+        let e = cli.run.to_config().unwrap_err().to_string();
+        assert!(e.starts_with("--console mux:stdio,bogus: "), "{e}");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::mux::{ConsoleSpec, SpecError};
+
 /// The default kernel command line, chosen for a fast microVM boot: the console on the
 /// 16550, reset through the i8042 (`reboot=k`), reboot one second after a panic (microvm
 /// reports the panic and exits non-zero), no PCI bus to scan, one legacy UART to probe, no
@@ -33,6 +35,16 @@ pub enum ConfigError {
         given: String,
         /// Host RAM.
         host_mib: u64,
+    },
+    /// A console spec does not parse.
+    #[error("--{option} {spec}: {source}")]
+    Console {
+        /// `console` or `serial`.
+        option: &'static str,
+        /// What the user gave.
+        spec: String,
+        /// What is wrong with it.
+        source: SpecError,
     },
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
@@ -74,8 +86,19 @@ pub struct VmConfig {
     pub memory: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// The console hub's specification (`--console`).
-    pub console: String,
+    /// The console hub every guest console attaches to (`--console`).
+    pub console: ConsoleSpec,
+    /// A hub of the UART's own (`--serial`); when absent the UART joins `console`.
+    pub serial: Option<ConsoleSpec>,
+}
+
+/// Parses a console spec given to `--{option}`.
+pub fn parse_console(option: &'static str, spec: &str) -> Result<ConsoleSpec, ConfigError> {
+    spec.parse().map_err(|source| ConfigError::Console {
+        option,
+        spec: spec.to_string(),
+        source,
+    })
 }
 
 /// Parses sizes like `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`.

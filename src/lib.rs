@@ -10,7 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod mux;
 pub mod panic_watch;
-pub mod stdio_console;
 pub mod vmm;
 pub mod vstate;

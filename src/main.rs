@@ -7,9 +7,12 @@ use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE};
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Command::Attach { .. }) = cli.command {
-        eprintln!("microvm: attach is not available in this build");
-        std::process::exit(EXIT_RUNTIME_ERROR);
+    if let Some(Command::Attach { socket, read_only }) = cli.command {
+        let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
+            eprintln!("microvm: {e}");
+            EXIT_RUNTIME_ERROR
+        });
+        std::process::exit(code);
     }
     let config = match cli.run.to_config() {
         Ok(c) => c,

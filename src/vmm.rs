@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::mux::Hub;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -44,13 +47,28 @@ fn install_signal_handlers(exit: &ExitNotifier) {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
-/// Wakes the event loop when any thread requests an exit.
+/// The console hubs, and the eventfd their escape key (Ctrl-A x) writes to quit.
+pub struct Consoles {
+    /// `--console` first, then the `--serial` hub if any.
+    pub hubs: Vec<Arc<Mutex<Hub>>>,
+    /// Written by a hub when the user quits from the console.
+    pub quit: EventFd,
+}
+
+/// Wakes the event loop when any thread requests an exit, a signal arrives, or the user
+/// quits from a console.
 struct ExitWatcher {
     exit: ExitNotifier,
+    quit: EventFd,
 }
 
 impl MutEventSubscriber for ExitWatcher {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.quit.as_raw_fd() {
+            let _ = self.quit.read();
+            self.exit.exit(ExitReason::UserQuit);
+            return;
+        }
         let _ = self.exit.event().read();
         let sig = SIGNAL_RECEIVED.load(Ordering::SeqCst);
         if sig != 0 {
@@ -60,6 +78,7 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(self.exit.event(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.quit, EventSet::IN));
     }
 }
 
@@ -69,6 +88,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     stop: StopFlag,
     exit: ExitNotifier,
+    hubs: Vec<Arc<Mutex<Hub>>>,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
     _vm: Vm,
     _memory: GuestMemory,
@@ -81,16 +101,21 @@ impl Vmm {
         vcpus: Vec<VcpuHandle>,
         stop: StopFlag,
         exit: ExitNotifier,
+        consoles: Consoles,
         vm: Vm,
         memory: GuestMemory,
     ) -> Vmm {
         install_signal_handlers(&exit);
-        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            exit: exit.clone(),
+            quit: consoles.quit,
+        })));
         Vmm {
             event_manager,
             vcpus,
             stop,
             exit,
+            hubs: consoles.hubs,
             _vm: vm,
             _memory: memory,
         }
@@ -108,8 +133,12 @@ impl Vmm {
         for v in &mut self.vcpus {
             v.stop_and_join(VCPU_STOP_TIMEOUT);
         }
-        // Deliver what the guest wrote before it stopped (and let the panic watch see it).
+        // Deliver what the guest wrote before it stopped (and let the panic watch see it),
+        // then flush lossless backends, remove socket files and restore the terminal.
         let _ = self.event_manager.run_with_timeout(0);
+        for hub in &self.hubs {
+            hub.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        }
         self.exit
             .reason()
             .unwrap_or_else(|| ExitReason::Error("VM stopped for no recorded reason".into()))

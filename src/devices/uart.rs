@@ -5,6 +5,11 @@
 //! [`Uart::enqueue_input`]; when the guest empties the receive FIFO, vm-superio reports
 //! `in_buffer_empty` and we signal `drained`, so the event loop offers more. Interrupts go
 //! to the in-kernel IOAPIC through an irqfd.
+//!
+//! Pacing: while the sink reports [`ConsoleSink::congested`] (a slow terminal behind the
+//! console hub), LSR reads show the transmitter busy, so the guest's driver holds its
+//! output like on a slow line; [`Uart::raise_thre`] tells it when to resume. vm-superio
+//! itself always reports THR empty, so this is done around it.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -14,6 +19,30 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::mux::HubWriter;
+
+const IER_OFFSET: u8 = 1;
+const LCR_OFFSET: u8 = 3;
+const LSR_OFFSET: u8 = 5;
+const LCR_DLAB: u8 = 0x80;
+const LSR_THRE: u8 = 0x20;
+const LSR_TEMT: u8 = 0x40;
+
+/// Where a UART's output goes: a writer that never blocks.
+pub trait ConsoleSink: Write + Send {
+    /// True while the consumer is behind; the UART then reports its transmitter busy.
+    fn congested(&self) -> bool {
+        false
+    }
+}
+
+impl ConsoleSink for HubWriter {
+    fn congested(&self) -> bool {
+        HubWriter::congested(self)
+    }
+}
+
+impl ConsoleSink for Vec<u8> {}
 
 /// Raises the UART's interrupt line by writing to its irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -41,11 +70,11 @@ impl SerialEvents for DrainedSignal {
 }
 
 /// A 16550A UART on the port-I/O bus.
-pub struct Uart<W: Write + Send> {
+pub struct Uart<W: ConsoleSink> {
     serial: Serial<IrqTrigger, DrainedSignal, W>,
 }
 
-impl<W: Write + Send> Uart<W> {
+impl<W: ConsoleSink> Uart<W> {
     /// A UART raising `irq` and writing guest output to `out`; `drained` is signalled when
     /// the guest empties the receive FIFO.
     pub fn new(irq: EventFd, drained: Arc<EventFd>, out: W) -> Self {
@@ -68,15 +97,30 @@ impl<W: Write + Send> Uart<W> {
     pub fn input_capacity(&self) -> usize {
         self.serial.fifo_capacity()
     }
+
+    /// Raises the "transmitter empty" interrupt again (if the guest enabled it), for when
+    /// the sink has caught up after a congestion.
+    pub fn raise_thre(&mut self) {
+        if self.serial.read(LCR_OFFSET) & LCR_DLAB != 0 {
+            return;
+        }
+        // Rewriting IER makes vm-superio re-assert THRE when it is enabled.
+        let ier = self.serial.read(IER_OFFSET);
+        let _ = self.serial.write(IER_OFFSET, ier);
+    }
 }
 
-impl<W: Write + Send> BusDevice for Uart<W> {
+impl<W: ConsoleSink> BusDevice for Uart<W> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 || offset > 7 {
             data.fill(0xff);
             return;
         }
-        data[0] = self.serial.read(offset as u8);
+        let mut value = self.serial.read(offset as u8);
+        if offset as u8 == LSR_OFFSET && self.serial.writer().congested() {
+            value &= !(LSR_THRE | LSR_TEMT);
+        }
+        data[0] = value;
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -124,6 +168,42 @@ mod tests {
         }
         assert_eq!(drained.read().unwrap(), 1);
         assert_eq!(u.input_capacity(), 64);
+    }
+
+    struct Slow(bool);
+    impl Write for Slow {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl ConsoleSink for Slow {
+        fn congested(&self) -> bool {
+            self.0
+        }
+    }
+
+    #[test]
+    fn congested_sink_holds_thre_and_release_raises_it() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut u = Uart::new(irq.try_clone().unwrap(), drained, Slow(true));
+        let mut lsr = [0u8];
+        u.read(u64::from(LSR_OFFSET), &mut lsr);
+        assert_eq!(lsr[0] & (LSR_THRE | LSR_TEMT), 0);
+        u.write(u64::from(IER_OFFSET), &[0x02]); // THRI
+        let _ = irq.read();
+        let mut iir = [0u8];
+        u.read(2, &mut iir); // the guest's handler acknowledges, sees LSR busy, sends nothing
+        u.serial.writer_mut().0 = false;
+        u.raise_thre();
+        assert_eq!(irq.read().unwrap(), 1);
+        u.read(2, &mut iir);
+        assert_eq!(iir[0] & 0x0f, 0x02, "IIR reports THR empty");
+        u.read(u64::from(LSR_OFFSET), &mut lsr);
+        assert_eq!(lsr[0] & LSR_THRE, LSR_THRE);
     }
 
     #[test]

@@ -1,0 +1,253 @@
+//! `file=PATH`: lossless append-mode log with optional rotation and line timestamps.
+
+use super::{BackendError, Port};
+use crate::mux::spec::FileSpec;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::RawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// An append-mode log file. Writes go straight to the kernel (no user-space buffer),
+/// so a crash loses nothing the hub had taken.
+pub(crate) struct FilePort {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    rotate: Option<u64>,
+    keep: u32,
+    timestamps: bool,
+    at_line_start: bool,
+    scratch: Vec<u8>,
+}
+
+fn open_append(path: &Path) -> Result<File, BackendError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(BackendError::DirMissing {
+            what: "log",
+            dir: dir.to_path_buf(),
+            path: path.to_path_buf(),
+        });
+    }
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| BackendError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl FilePort {
+    /// Open (create) the log in append mode.
+    pub(crate) fn open(spec: &FileSpec) -> Result<Self, BackendError> {
+        let file = open_append(&spec.path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(FilePort {
+            path: spec.path.clone(),
+            file,
+            size,
+            rotate: spec.rotate,
+            keep: spec.keep.max(1),
+            timestamps: spec.timestamps,
+            at_line_start: true,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut s = self.path.clone().into_os_string();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    }
+
+    /// PATH.(keep-1) -> PATH.keep, ..., PATH -> PATH.1, then a fresh PATH.
+    fn rotate_now(&mut self) -> io::Result<()> {
+        for i in (1..self.keep).rev() {
+            match std::fs::rename(self.numbered(i), self.numbered(i + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, self.numbered(1))?;
+        self.file = open_append(&self.path).map_err(|e| match e {
+            BackendError::Open { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        })?;
+        self.size = 0;
+        Ok(())
+    }
+
+    fn write_out(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(limit) = self.rotate
+            && self.size > 0
+            && self.size + data.len() as u64 > limit
+        {
+            // Someone (logrotate copytruncate) may have truncated it: look again.
+            self.size = self.file.metadata().map(|m| m.len()).unwrap_or(self.size);
+            if self.size > 0 && self.size + data.len() as u64 > limit {
+                self.rotate_now()?;
+            }
+        }
+        self.file.write_all(data)?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+}
+
+impl Port for FilePort {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.timestamps {
+            self.write_out(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let stamp = timestamp(SystemTime::now());
+        for &b in buf {
+            if self.at_line_start {
+                out.extend_from_slice(stamp.as_bytes());
+                self.at_line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.at_line_start = true;
+            }
+        }
+        let r = self.write_out(&out);
+        self.scratch = out;
+        r.map(|()| buf.len())
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// `2025-01-02T03:04:05.678Z ` (UTC, milliseconds), computed without a time crate.
+pub(crate) fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z ",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("microvm-file-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn spec(path: PathBuf) -> FileSpec {
+        FileSpec {
+            path,
+            rotate: None,
+            keep: 5,
+            timestamps: false,
+        }
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let t = UNIX_EPOCH + Duration::from_millis(1_704_067_200_123 + 3_723_000);
+        assert_eq!(timestamp(t), "2024-01-01T01:02:03.123Z ");
+    }
+
+    #[test]
+    fn appends_and_keeps_existing() {
+        let d = tmpdir("append");
+        let p = d.join("log");
+        std::fs::write(&p, b"old\n").unwrap();
+        let mut f = FilePort::open(&spec(p.clone())).unwrap();
+        f.write(b"new\n").unwrap();
+        f.flush().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"old\nnew\n");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn rotates_and_keeps_n() {
+        let d = tmpdir("rotate");
+        let p = d.join("log");
+        let mut s = spec(p.clone());
+        s.rotate = Some(10);
+        s.keep = 2;
+        let mut f = FilePort::open(&s).unwrap();
+        for chunk in [&b"aaaaaa"[..], b"bbbbbb", b"cccccc", b"dddddd"] {
+            f.write(chunk).unwrap();
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), b"dddddd");
+        assert_eq!(std::fs::read(d.join("log.1")).unwrap(), b"cccccc");
+        assert_eq!(std::fs::read(d.join("log.2")).unwrap(), b"bbbbbb");
+        assert!(!d.join("log.3").exists());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn timestamps_at_line_starts_only() {
+        let d = tmpdir("ts");
+        let p = d.join("log");
+        let mut s = spec(p.clone());
+        s.timestamps = true;
+        let mut f = FilePort::open(&s).unwrap();
+        f.write(b"one\ntw").unwrap();
+        f.write(b"o\nthree").unwrap();
+        let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert_eq!(lines.len(), 3);
+        for (l, want) in lines.iter().zip(["one", "two", "three"]) {
+            // "YYYY-MM-DDTHH:MM:SS.mmmZ " is 25 bytes.
+            assert_eq!(&l[25..], want, "{text}");
+            assert!(l[..25].ends_with("Z "));
+        }
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn missing_dir_is_named() {
+        let e = FilePort::open(&spec("/nonexistent-dir-xyz/log".into()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent-dir-xyz"), "{e}");
+    }
+}

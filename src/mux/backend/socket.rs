@@ -1,0 +1,322 @@
+//! `sock[=PATH]` and `tcp=ADDR:PORT`: listeners and client streams.
+
+use super::{BackendError, Port, cvt};
+use crate::mux::spec::MAX_UNIX_PATH;
+use crate::mux::term::log_line;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The default socket path for `sock` without a value:
+/// `$XDG_RUNTIME_DIR/microvm-PID.sock`, else `/tmp/microvm-PID.sock` (`-N` added for a
+/// second default socket in the same process).
+pub fn default_socket_path() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let pid = std::process::id();
+    if n == 0 {
+        dir.join(format!("microvm-{pid}.sock"))
+    } else {
+        dir.join(format!("microvm-{pid}-{n}.sock"))
+    }
+}
+
+/// A listening socket of either family.
+pub(crate) enum Listener {
+    /// Unix; `id` is (dev, ino) of the socket file so shutdown removes only our own.
+    Unix {
+        l: UnixListener,
+        path: PathBuf,
+        id: (u64, u64),
+    },
+    /// TCP.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    pub(crate) fn fd(&self) -> RawFd {
+        match self {
+            Listener::Unix { l, .. } => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// Accept one pending client (non-blocking).
+    pub(crate) fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix { l, .. } => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(true)?;
+                Ok(Stream::Unix(s))
+            }
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
+    /// Human name: the path or address.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => path.display().to_string(),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| format!("tcp {a}"))
+                .unwrap_or_else(|_| "tcp".into()),
+        }
+    }
+
+    /// Remove our socket file (only if it is still the one we created).
+    pub(crate) fn remove_file(&self) {
+        if let Listener::Unix { path, id, .. } = self
+            && let Ok(m) = std::fs::symlink_metadata(path)
+            && m.file_type().is_socket()
+            && (m.dev(), m.ino()) == *id
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected client.
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn raw(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Port for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: buf is valid for buf.len() bytes; MSG_NOSIGNAL keeps a vanished peer
+            // from raising SIGPIPE.
+            let r = cvt(unsafe {
+                libc::send(
+                    self.raw(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: buf is valid and writable for buf.len() bytes.
+            let r = cvt(unsafe {
+                libc::recv(
+                    self.raw(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.raw())
+    }
+}
+
+/// Bind a unix stream listener at `path` with mode 0600.
+///
+/// Refuses a path that exists and is not a socket, or a socket someone listens on;
+/// replaces a stale socket (connect gets ECONNREFUSED).
+pub(crate) fn bind_unix(path: &Path) -> Result<Listener, BackendError> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() > MAX_UNIX_PATH {
+        return Err(BackendError::PathTooLong {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+        });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(BackendError::DirMissing {
+            what: "socket",
+            dir,
+            path: path.to_path_buf(),
+        });
+    }
+    let listen_err = |source: io::Error| BackendError::Listen {
+        addr: path.display().to_string(),
+        source,
+    };
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(BackendError::NotASocket(path.to_path_buf()));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => return Err(BackendError::SocketInUse(path.to_path_buf())),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                std::fs::remove_file(path).map_err(listen_err)?;
+                log_line(&format!("removed stale console socket {}", path.display()));
+            }
+            Err(e) => return Err(listen_err(e)),
+        }
+    }
+
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(listen_err(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // On Linux the socket file's mode comes from the socket inode's mode (minus umask),
+    // so fchmod before bind makes the file 0600 from the start: no window where others
+    // could connect.
+    // SAFETY: fchmod on our own fd.
+    unsafe {
+        libc::fchmod(fd, 0o600);
+    }
+    // SAFETY: zeroed sockaddr_un is valid; we fill family and path (length checked above).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un and len covers the family and NUL-terminated path.
+    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
+        return Err(listen_err(io::Error::last_os_error()));
+    }
+    // Belt and braces where fchmod before bind is not honoured.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    // SAFETY: listen on our bound socket.
+    if unsafe { libc::listen(fd, 64) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(listen_err(e));
+    }
+    let m = std::fs::symlink_metadata(path).map_err(listen_err)?;
+    Ok(Listener::Unix {
+        l: UnixListener::from(owned),
+        path: path.to_path_buf(),
+        id: (m.dev(), m.ino()),
+    })
+}
+
+/// Bind a TCP listener; warns when the address is not loopback.
+pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
+    let l = TcpListener::bind(addr).map_err(|source| BackendError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    l.set_nonblocking(true)
+        .map_err(|source| BackendError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    if !addr.ip().is_loopback() {
+        log_line(&format!(
+            "warning: console on tcp {addr} is reachable from the network and has no authentication"
+        ));
+    }
+    Ok(Listener::Tcp(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mvs-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn mode_0600_and_removed() {
+        let d = tmpdir("mode");
+        let p = d.join("c.sock");
+        let l = bind_unix(&p).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        l.remove_file();
+        assert!(!p.exists());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn refuses_regular_file_and_keeps_it() {
+        let d = tmpdir("reg");
+        let p = d.join("c.sock");
+        std::fs::write(&p, b"precious").unwrap();
+        let e = bind_unix(&p).err().unwrap();
+        assert!(matches!(e, BackendError::NotASocket(_)), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn reclaims_stale_refuses_live() {
+        let d = tmpdir("stale");
+        let p = d.join("c.sock");
+        // A live listener: refused.
+        let live = UnixListener::bind(&p).unwrap();
+        let e = bind_unix(&p).err().unwrap();
+        assert!(matches!(e, BackendError::SocketInUse(_)), "{e}");
+        // Dropping the listener leaves a stale socket file: reclaimed.
+        drop(live);
+        assert!(p.exists());
+        let l = bind_unix(&p).unwrap();
+        l.remove_file();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn missing_dir_and_too_long() {
+        let e = bind_unix(Path::new("/nonexistent-xyz/c.sock"))
+            .err()
+            .unwrap();
+        assert!(matches!(e, BackendError::DirMissing { .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent-xyz"));
+        let long = PathBuf::from(format!("/tmp/{}", "y".repeat(110)));
+        let e = bind_unix(&long).err().unwrap();
+        assert!(
+            matches!(e, BackendError::PathTooLong { len: 115, .. }),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,710 @@
+//! Integration tests of the console hub: a real `Hub`, real unix/TCP sockets in temp dirs,
+//! driven by a real `event_manager::EventManager` loop on a thread. No KVM.
+
+use event_manager::{EventManager, SubscriberOps};
+use microvm::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mvmux-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A UART-like frontend: 64-byte FIFO, drained by a "guest" thread that signals an eventfd.
+struct MockUart {
+    st: Arc<Mutex<UartState>>,
+    evt: EventFd,
+}
+
+#[derive(Default)]
+struct UartState {
+    fifo: Vec<u8>,
+    received: Vec<u8>,
+}
+
+impl FrontendInput for MockUart {
+    fn accept(&mut self, data: &[u8]) -> usize {
+        let mut s = self.st.lock().unwrap();
+        let n = data.len().min(64 - s.fifo.len());
+        s.fifo.extend_from_slice(&data[..n]);
+        n
+    }
+    fn drained_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+    fn ack_drained(&mut self) {
+        let _ = self.evt.read();
+    }
+}
+
+struct Vm {
+    hub: Arc<Mutex<Hub>>,
+    writer: HubWriter,
+    uart: Arc<Mutex<UartState>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    exit: EventFd,
+}
+
+impl Vm {
+    fn start(spec: &str) -> Vm {
+        let spec: ConsoleSpec = spec.parse().unwrap();
+        let exit = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut hub = Hub::new(&spec, exit.try_clone().unwrap()).unwrap();
+        let uart = Arc::new(Mutex::new(UartState::default()));
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let guest_evt = evt.try_clone().unwrap();
+        let writer = hub
+            .add_frontend(
+                "ttyS0",
+                Box::new(MockUart {
+                    st: uart.clone(),
+                    evt,
+                }),
+            )
+            .unwrap();
+        let hub = Arc::new(Mutex::new(hub));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let hub = hub.clone();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut em = EventManager::<Arc<Mutex<Hub>>>::new().unwrap();
+                em.add_subscriber(hub);
+                while !stop.load(Ordering::Acquire) {
+                    em.run_with_timeout(20).unwrap();
+                }
+            }));
+        }
+        {
+            // The guest: drains the FIFO now and then, like a driver reading RBR.
+            let uart = uart.clone();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    {
+                        let mut s = uart.lock().unwrap();
+                        if !s.fifo.is_empty() {
+                            let f = std::mem::take(&mut s.fifo);
+                            s.received.extend_from_slice(&f);
+                            guest_evt.write(1).unwrap();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }));
+        }
+        Vm {
+            hub,
+            writer,
+            uart,
+            stop,
+            threads,
+            exit,
+        }
+    }
+
+    fn clients(&self) -> usize {
+        self.hub.lock().unwrap().clients()
+    }
+
+    fn stop(mut self) -> Arc<Mutex<Hub>> {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        self.hub.lock().unwrap().shutdown();
+        self.hub.clone()
+    }
+}
+
+fn connect(p: &Path) -> UnixStream {
+    let s = UnixStream::connect(p).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    s.read_exact(&mut v).unwrap();
+    v
+}
+
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn clients_see_the_same_stream() {
+    let d = tmpdir("same");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("mux:sock={},ring=4K", p.display()));
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut cs: Vec<UnixStream> = (0..3).map(|_| connect(&p)).collect();
+    wait_until("3 clients", || vm.clients() == 3);
+    let data = pattern(300_000, 1);
+    let mut w = vm.writer.clone();
+    let d2 = data.clone();
+    let t = std::thread::spawn(move || {
+        for c in d2.chunks(1000) {
+            w.write_all(c).unwrap();
+        }
+    });
+    for c in cs.iter_mut() {
+        assert!(read_n(c, data.len()) == data, "client stream differs");
+    }
+    t.join().unwrap();
+    assert_eq!(vm.hub.lock().unwrap().history(), data[data.len() - 4096..]);
+    let hub = vm.stop();
+    drop(hub);
+    assert!(!p.exists(), "socket file removed on shutdown");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn late_joiner_gets_history_then_live() {
+    let d = tmpdir("late");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}", p.display()));
+    let mut w = vm.writer.clone();
+    w.write_all(b"Linux version 6.1 ... boot log\r\n").unwrap();
+    wait_until("history", || !vm.hub.lock().unwrap().history().is_empty());
+    let mut c = connect(&p);
+    assert_eq!(read_n(&mut c, 32), b"Linux version 6.1 ... boot log\r\n");
+    wait_until("client", || vm.clients() == 1);
+    w.write_all(b"login: ").unwrap();
+    assert_eq!(read_n(&mut c, 7), b"login: ");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn one_mib_paste_reaches_the_guest_whole_and_in_order() {
+    let d = tmpdir("paste");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("mux:sock={},ring", p.display()));
+    let paste = pattern(1 << 20, 7);
+    let mut c = connect(&p);
+    let mut c2 = c.try_clone().unwrap();
+    let p2 = paste.clone();
+    let t = std::thread::spawn(move || c2.write_all(&p2).unwrap());
+    // Meanwhile the guest prints (echo-like output) and the client must keep reading it.
+    let uart = vm.uart.clone();
+    wait_until("paste delivered", || {
+        uart.lock().unwrap().received.len() >= paste.len()
+    });
+    t.join().unwrap();
+    assert!(
+        uart.lock().unwrap().received == paste,
+        "paste corrupted or reordered"
+    );
+    drop(c.write_all(b""));
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn pastes_from_two_clients_are_not_interleaved_within_a_read() {
+    let d = tmpdir("two");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}", p.display()));
+    let mut a = connect(&p);
+    let mut b = connect(&p);
+    wait_until("clients", || vm.clients() == 2);
+    // Small writes each fit one read: each must arrive contiguous.
+    for i in 0..200u32 {
+        a.write_all(format!("[a{i:04}]").as_bytes()).unwrap();
+        b.write_all(format!("[b{i:04}]").as_bytes()).unwrap();
+    }
+    let want = 200 * 7 * 2;
+    wait_until("input", || vm.uart.lock().unwrap().received.len() >= want);
+    let got = String::from_utf8(vm.uart.lock().unwrap().received.clone()).unwrap();
+    let (mut na, mut nb) = (0, 0);
+    for tok in got.split_terminator(']') {
+        let tok = tok.strip_prefix('[').unwrap();
+        let (who, n) = tok.split_at(1);
+        let n: u32 = n.parse().unwrap();
+        match who {
+            "a" => {
+                assert_eq!(n, na);
+                na += 1;
+            }
+            _ => {
+                assert_eq!(n, nb);
+                nb += 1;
+            }
+        }
+    }
+    assert_eq!((na, nb), (200, 200));
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn non_reading_client_is_cut_off_others_get_every_byte() {
+    let d = tmpdir("stall");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("mux:sock={}:queue=4M,ring=64K", p.display()));
+    let stalled = connect(&p);
+    let mut good = connect(&p);
+    wait_until("clients", || vm.clients() == 2);
+    let total = 16 << 20;
+    let received = Arc::new(AtomicUsize::new(0));
+    let r2 = received.clone();
+    let reader = std::thread::spawn(move || {
+        let mut sum = 0u64;
+        let mut n = 0usize;
+        let mut buf = vec![0; 1 << 16];
+        while n < total {
+            let k = good.read(&mut buf).unwrap();
+            assert!(k > 0, "good client disconnected after {n} bytes");
+            for &b in &buf[..k] {
+                sum = sum.wrapping_mul(31).wrapping_add(b as u64);
+            }
+            n += k;
+            r2.store(n, Ordering::Release);
+        }
+        (sum, good)
+    });
+    let data = pattern(1 << 20, 3);
+    let mut want = 0u64;
+    let mut w = vm.writer.clone();
+    for i in 0..16 {
+        // The "guest" is faster than any reader; pace it on the good reader only so the
+        // test does not depend on machine speed. The stalled client falls further behind.
+        wait_until("reader progress", || {
+            received.load(Ordering::Acquire) + (2 << 20) >= i << 20
+        });
+        for c in data.chunks(4096) {
+            w.write_all(c).unwrap();
+        }
+        for &b in &data {
+            want = want.wrapping_mul(31).wrapping_add(b as u64);
+        }
+    }
+    let (sum, good) = reader.join().unwrap();
+    assert_eq!(sum, want);
+    wait_until("stalled client cut off", || vm.clients() == 1);
+    drop((stalled, good));
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn clients_beyond_the_limit_are_refused_with_a_message() {
+    let d = tmpdir("limit");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}:max-clients=2", p.display()));
+    let _a = connect(&p);
+    let _b = connect(&p);
+    wait_until("clients", || vm.clients() == 2);
+    let mut c = connect(&p);
+    let mut msg = String::new();
+    c.read_to_string(&mut msg).unwrap();
+    assert!(msg.contains("max-clients=2"), "{msg}");
+    assert_eq!(vm.clients(), 2);
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn read_only_viewers_input_is_ignored() {
+    let d = tmpdir("ro");
+    let p = d.join("c.sock");
+    let q = d.join("w.sock");
+    let vm = Vm::start(&format!("mux:sock={}:ro,sock={}", p.display(), q.display()));
+    let mut viewer = connect(&p);
+    let mut typist = connect(&q);
+    wait_until("clients", || vm.clients() == 2);
+    viewer.write_all(b"rm -rf /\n").unwrap();
+    typist.write_all(b"ls\n").unwrap();
+    wait_until("input", || vm.uart.lock().unwrap().received.len() >= 3);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.uart.lock().unwrap().received, b"ls\n");
+    let mut w = vm.writer.clone();
+    w.write_all(b"out").unwrap();
+    assert_eq!(read_n(&mut viewer, 3), b"out");
+    assert_eq!(read_n(&mut typist, 3), b"out");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+fn read_until(s: &mut UnixStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "EOF before {needle:?}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn single_writer_takeover_tells_the_others() {
+    let d = tmpdir("sw");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}:single-writer", p.display()));
+    let mut a = connect(&p);
+    wait_until("a", || vm.clients() == 1);
+    let mut b = connect(&p);
+    read_until(&mut b, "another client has the keyboard");
+    a.write_all(b"a").unwrap();
+    wait_until("a's input", || vm.uart.lock().unwrap().received == b"a");
+    b.write_all(b"b").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        vm.uart.lock().unwrap().received,
+        b"a",
+        "non-holder input ignored"
+    );
+    b.write_all(b"\x01w").unwrap();
+    read_until(&mut b, "you have the keyboard");
+    read_until(&mut a, "took the keyboard");
+    b.write_all(b"B").unwrap();
+    a.write_all(b"x").unwrap();
+    wait_until("b's input", || vm.uart.lock().unwrap().received == b"aB");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn tcp_listener_and_file_log() {
+    let d = tmpdir("tcp");
+    let log = d.join("console.log");
+    let vm = Vm::start(&format!(
+        "mux:tcp=127.0.0.1:0,file={}:timestamps",
+        log.display()
+    ));
+    let addr = vm.hub.lock().unwrap().tcp_addrs()[0];
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    wait_until("client", || vm.clients() == 1);
+    let mut w = vm.writer.clone();
+    w.write_all(b"hello\nworld\n").unwrap();
+    assert_eq!(read_n(&mut c, 12), b"hello\nworld\n");
+    vm.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].ends_with("Z hello") && lines[1].ends_with("Z world"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn attach_relays_both_ways() {
+    let d = tmpdir("attach");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}", p.display()));
+    vm.writer.clone().write_all(b"history;").unwrap();
+    wait_until("history", || !vm.hub.lock().unwrap().history().is_empty());
+    let mut inp = [0; 2];
+    let mut out = [0; 2];
+    // SAFETY: valid 2-element arrays for pipe(2).
+    unsafe {
+        assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
+    }
+    let p2 = p.clone();
+    let t =
+        std::thread::spawn(move || microvm::mux::attach::attach_fds(&p2, false, inp[0], out[1]));
+    wait_until("attached", || vm.clients() == 1);
+    // SAFETY: writing to our pipe's write end.
+    unsafe { libc::write(inp[1], b"typed".as_ptr().cast(), 5) };
+    wait_until("typed input", || {
+        vm.uart.lock().unwrap().received == b"typed"
+    });
+    vm.writer.clone().write_all(b"live").unwrap();
+    // SAFETY: reading into a local buffer from our pipe's read end.
+    let mut got = Vec::new();
+    while got.len() < 12 {
+        let mut buf = [0u8; 64];
+        let n = unsafe { libc::read(out[0], buf.as_mut_ptr().cast(), 64) };
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n as usize]);
+    }
+    assert_eq!(got, b"history;live");
+    // The VM going away ends attach with status 0.
+    let hub = vm.stop();
+    drop(hub);
+    assert_eq!(t.join().unwrap().unwrap(), 0);
+    for fd in [inp[0], inp[1], out[0], out[1]] {
+        // SAFETY: closing the pipe fds created above.
+        unsafe { libc::close(fd) };
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn bad_socket_paths_are_errors_that_name_them() {
+    let d = tmpdir("bad");
+    let f = d.join("precious.txt");
+    std::fs::write(&f, b"keep me").unwrap();
+    let exit = || EventFd::new(EFD_NONBLOCK).unwrap();
+    let e = Hub::new(&format!("sock={}", f.display()).parse().unwrap(), exit()).unwrap_err();
+    assert!(
+        e.to_string().contains("precious.txt") && e.to_string().contains("not a socket"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&f).unwrap(), b"keep me");
+    let e = Hub::new(
+        &format!("sock={}/nodir/c.sock", d.display())
+            .parse()
+            .unwrap(),
+        exit(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    // An earlier backend is cleaned up when a later one fails.
+    let ok = d.join("ok.sock");
+    let spec = format!("mux:sock={},sock={}", ok.display(), f.display());
+    assert!(Hub::new(&spec.parse().unwrap(), exit()).is_err());
+    assert!(!ok.exists(), "first socket removed after the second failed");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn exit_eventfd_untouched_without_escape() {
+    let d = tmpdir("exit");
+    let vm = Vm::start(&format!("sock={}", d.join("c.sock").display()));
+    assert!(vm.exit.read().is_err(), "no exit requested");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(d);
+}
+
+// ---- stdio backend, in a child process (the hub owns fds 0 and 1) -------------------
+
+/// Not a test by itself: the child half of the stdio tests (runs only with MUX_CHILD set).
+#[test]
+#[ignore]
+fn stdio_child() {
+    let Ok(mode) = std::env::var("MUX_CHILD") else {
+        return;
+    };
+    let spec = std::env::var("MUX_SPEC").unwrap();
+    let vm = Vm::start(&spec);
+    let mut w = vm.writer.clone();
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        w.write_all(format!("tick {i}\r\n").as_bytes()).unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        let quit = match mode.as_str() {
+            "pipe" => String::from_utf8_lossy(&vm.uart.lock().unwrap().received).contains("quit"),
+            _ => vm.exit.read().is_ok(),
+        };
+        if quit {
+            break;
+        }
+        if start.elapsed() > TIMEOUT {
+            std::process::exit(3);
+        }
+    }
+    drop(vm.stop());
+    // Skip libtest's summary: stdout may be closed on purpose.
+    std::process::exit(0);
+}
+
+fn child(mode: &str, spec: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "stdio_child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("MUX_CHILD", mode)
+    .env("MUX_SPEC", spec)
+    .stderr(std::process::Stdio::null());
+    c
+}
+
+#[test]
+fn stdin_eof_and_closed_stdout_do_not_stop_the_vm() {
+    let d = tmpdir("pipe");
+    let p = d.join("c.sock");
+    let mut ch = child("pipe", &format!("mux:stdio,sock={}", p.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(ch.stdin.take()); // EOF on stdin at once
+    let mut out = ch.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("tick 3") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "child stdout ended: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(out); // broken pipe from now on
+    wait_until("socket", || p.exists());
+    let mut c = connect(&p);
+    read_until(&mut c, "tick 30"); // still running well after stdout went away
+    c.write_all(b"quit").unwrap();
+    let st = ch.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+fn termios(fd: RawFd) -> libc::termios {
+    // SAFETY: zeroed termios is valid; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: t is valid and writable.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t
+}
+
+fn read_pty_until(master: RawFd, needle: &str) -> String {
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        let mut p = libc::pollfd {
+            fd: master,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 512];
+        // SAFETY: buf is valid and writable.
+        let n = unsafe { libc::read(master, buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            got.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn tty_raw_mode_escape_keys_and_restore_on_quit() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: out-params are valid; null name/termios/winsize are allowed.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0);
+    let before = termios(slave);
+    assert!(before.c_lflag & libc::ICANON != 0);
+    // SAFETY: slave is a fresh fd we own; dup gives a second one for stdout.
+    let (sin, sout) = unsafe {
+        (
+            OwnedFd::from_raw_fd(libc::dup(slave)),
+            OwnedFd::from_raw_fd(libc::dup(slave)),
+        )
+    };
+    let mut ch = child("tty", "stdio")
+        .stdin(std::process::Stdio::from(sin))
+        .stdout(std::process::Stdio::from(sout))
+        .spawn()
+        .unwrap();
+    read_pty_until(master, "tick 2");
+    let raw = termios(slave);
+    assert!(
+        raw.c_lflag & (libc::ICANON | libc::ECHO) == 0,
+        "raw mode while running"
+    );
+    // SAFETY: writing a short buffer to the pty master.
+    unsafe { libc::write(master, b"\x01h".as_ptr().cast(), 2) };
+    read_pty_until(master, "Ctrl-A x");
+    // SAFETY: as above.
+    unsafe { libc::write(master, b"\x01x".as_ptr().cast(), 2) };
+    let st = ch.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    let after = termios(slave);
+    assert_eq!(
+        after.c_lflag, before.c_lflag,
+        "terminal restored after Ctrl-A x"
+    );
+    assert_eq!(after.c_oflag, before.c_oflag);
+
+    // Killed by SIGTERM: the handler restores the terminal, then the default action runs.
+    // SAFETY: slave is valid; dup gives owned copies.
+    let (sin, sout) = unsafe {
+        (
+            OwnedFd::from_raw_fd(libc::dup(slave)),
+            OwnedFd::from_raw_fd(libc::dup(slave)),
+        )
+    };
+    let mut ch = child("tty", "stdio")
+        .stdin(std::process::Stdio::from(sin))
+        .stdout(std::process::Stdio::from(sout))
+        .spawn()
+        .unwrap();
+    read_pty_until(master, "tick 2");
+    assert!(termios(slave).c_lflag & libc::ICANON == 0);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(ch.id() as i32, libc::SIGTERM) };
+    let st = ch.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st:?}");
+    let after = termios(slave);
+    assert_eq!(
+        after.c_lflag, before.c_lflag,
+        "terminal restored after Ctrl-A x"
+    );
+    assert_eq!(after.c_oflag, before.c_oflag);
+    // SAFETY: closing our pty fds.
+    unsafe {
+        libc::close(master);
+        libc::close(slave);
+    }
+}
