@@ -63,7 +63,7 @@ copy_with_libs() {
     local dest=$1; shift
     local f lib
     for f in "$@"; do
-        ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\s*\/[^ ]+/{print $1}' | while read -r lib; do
+        ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
             [ -e "$dest$lib" ] && continue
             mkdir -p "$dest$(dirname "$lib")"
             cp -L "$lib" "$dest$lib"
@@ -75,8 +75,8 @@ copy_with_libs() {
 tree_hash() {
     local p
     for p in "$@"; do
-        if [ -d "$p" ]; then find "$p" -type f -print0 | sort -z | xargs -0 sha256sum
-        elif [ -e "$p" ]; then sha256sum "$p"
+        if [ -d "$p" ]; then (cd "$p" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+        elif [ -e "$p" ]; then sha256sum <"$p"
         else echo "missing $p"
         fi
     done | sha256sum | cut -c1-16
