@@ -63,7 +63,7 @@ copy_with_libs() {
     local dest=$1; shift
     local f lib
     for f in "$@"; do
-        ldd "$f" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
+        { ldd "$f" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
             [ -e "$dest$lib" ] && continue
             mkdir -p "$dest$(dirname "$lib")"
             cp -L "$lib" "$dest$lib"

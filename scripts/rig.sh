@@ -17,6 +17,7 @@
 # script exits with CMD's exit status, or 1 with a message if L1 ended without reporting one.
 set -euo pipefail
 LOG_TAG=rig
+trap 'log "error: command failed at line $LINENO: $BASH_COMMAND"' ERR
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bin=${MICROVM_BIN:-}; no_bin=0; interactive=0; with_qemu=0
