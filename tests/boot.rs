@@ -10,7 +10,9 @@
 //!
 //! Environment: `MICROVM_BIN` (default: the cargo-built binary), `MICROVM_KERNEL`,
 //! `MICROVM_INITRD` (default: `$MICROVM_CACHE/guest/…`), `MICROVM_RIG=direct|nested|inner`,
-//! `MICROVM_TEST_TIMEOUT` (seconds per wait; default 180 in the rig, 60 direct).
+//! `MICROVM_TEST_TIMEOUT` (seconds per wait; default 180 in the rig, 60 direct),
+//! `MICROVM_TEST_BUDGET` (seconds for the whole suite, default 720; cases left when it is
+//! spent fail), `MICROVM_RIG_ARGS` (extra scripts/rig.sh options in nested mode).
 //! Output follows libtest's format; argv: first non-flag argument is a substring filter,
 //! `--exact`, `--skip S`, `--list` are honoured, other libtest flags are ignored.
 
@@ -162,6 +164,7 @@ impl Ctx {
             err,
             readers,
             timeout: self.timeout,
+            deadline: Instant::now() + self.timeout,
             cmdline,
             status: None,
         })
@@ -188,6 +191,8 @@ struct Vm {
     err: Arc<Mutex<Vec<u8>>>,
     readers: Vec<thread::JoinHandle<()>>,
     timeout: Duration,
+    /// One deadline per case, counted from spawn.
+    deadline: Instant,
     cmdline: String,
     status: Option<ExitStatus>,
 }
@@ -241,7 +246,7 @@ impl Vm {
 
     /// Waits until a stdout line contains `needle`; returns that line.
     fn wait_for(&mut self, needle: &str) -> Result<String, String> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self.deadline;
         loop {
             let exited = self.poll_exit();
             if let Some(line) = self.stdout().lines().find(|l| l.contains(needle)) {
@@ -252,7 +257,7 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 return Err(self.fail(&format!(
-                    "timed out after {:?} waiting for {needle:?}",
+                    "timed out ({:?} per case) waiting for {needle:?}",
                     self.timeout
                 )));
             }
@@ -270,7 +275,7 @@ impl Vm {
 
     /// Waits for the process to exit and checks its exit code.
     fn expect_exit(&mut self, code: i32) -> Result<(), String> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self.deadline;
         loop {
             if let Some(s) = self.poll_exit() {
                 return if s.code() == Some(code) {
@@ -281,7 +286,7 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 return Err(self.fail(&format!(
-                    "timed out after {:?} waiting for microvm to exit",
+                    "timed out ({:?} per case) waiting for microvm to exit",
                     self.timeout
                 )));
             }
@@ -458,7 +463,12 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(if inner { 180 } else { 60 });
-    let ctx = Ctx {
+    // Whole-suite budget, so a VMM that hangs in every case cannot hold CI for
+    // cases x timeout: once spent, the remaining cases fail at once (never skipped).
+    let budget = Duration::from_secs(
+        env::var("MICROVM_TEST_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(720),
+    );
+    let mut ctx = Ctx {
         bin: microvm_bin(),
         kernel: env::var_os("MICROVM_KERNEL").map(PathBuf::from).unwrap_or(guest.join("vmlinuz")),
         initrd: env::var_os("MICROVM_INITRD")
@@ -473,7 +483,13 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         print!("test {name} ... ");
         let _ = std::io::stdout().flush();
         let t = Instant::now();
-        let res = f(&ctx);
+        let left = budget.saturating_sub(start.elapsed());
+        ctx.timeout = Duration::from_secs(timeout).min(left);
+        let res = if left.is_zero() {
+            Err(format!("suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"))
+        } else {
+            f(&ctx)
+        };
         let secs = t.elapsed().as_secs_f64();
         match res {
             Ok(()) => {
@@ -509,10 +525,17 @@ fn run_nested(args: &[String], cases: &[(&'static str, CaseFn)], filtered: usize
         .env("MICROVM_BIN", microvm_bin())
         .arg("--payload")
         .arg(&exe);
-    for var in ["MICROVM_TEST_TIMEOUT", "RUST_BACKTRACE", "RUST_LOG"] {
+    for var in ["MICROVM_TEST_TIMEOUT", "MICROVM_TEST_BUDGET", "RUST_BACKTRACE", "RUST_LOG"] {
         if let Ok(v) = env::var(var) {
             cmd.arg("--env").arg(format!("{var}={v}"));
         }
+    }
+    // L1 safety timeout: the suite budget plus slack for building and booting L1.
+    let budget: u64 = env::var("MICROVM_TEST_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(720);
+    cmd.arg("--timeout").arg((budget + 300).to_string());
+    // Extra rig.sh options, e.g. MICROVM_RIG_ARGS="--timeout 600 --with-qemu".
+    if let Ok(extra) = env::var("MICROVM_RIG_ARGS") {
+        cmd.args(extra.split_whitespace());
     }
     cmd.arg("--").arg(format!("/rig/{exe_name}")).args(args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
