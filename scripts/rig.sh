@@ -99,6 +99,7 @@ qemu=(qemu-system-x86_64 -M q35 -accel tcg -cpu max -smp 2 -m 2048
       -kernel "$GUEST_DIR/vmlinuz" -initrd "$work/l1.cpio"
       -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 rdinit=/init")
 status_file=$work/status
+trap - ERR   # from here on, failures are reported below
 if [ "$interactive" = 1 ]; then
     qemu+=(-chardev stdio,id=con,signal=off -serial chardev:con -serial "file:$status_file")
     log "booting L1 (interactive; the console is this terminal, QEMU exits when L1 powers off)"

@@ -329,7 +329,11 @@ fn mode() -> Mode {
                 .into(),
         );
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => Mode::Direct,
         Err(e) => Mode::Nested(format!("the host has no usable /dev/kvm ({e})")),
     }
@@ -353,7 +357,13 @@ fn parse_args(args: &[String]) -> Opts {
         "--shuffle-seed",
         "--skip",
     ];
-    let mut o = Opts { filter: None, exact: false, skip: vec![], list: false, ignored_only: false };
+    let mut o = Opts {
+        filter: None,
+        exact: false,
+        skip: vec![],
+        list: false,
+        ignored_only: false,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -409,7 +419,10 @@ fn main() {
     }
     let start = Instant::now();
     if cases.is_empty() {
-        println!("\nrunning 0 tests\n\n{}\n", result_line(0, 0, filtered, start));
+        println!(
+            "\nrunning 0 tests\n\n{}\n",
+            result_line(0, 0, filtered, start)
+        );
         return;
     }
     let code = match mode() {
@@ -424,9 +437,12 @@ fn main() {
 }
 
 fn cache_guest_dir() -> PathBuf {
-    let cache = env::var_os("MICROVM_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/microvm")
-    });
+    let cache = env::var_os("MICROVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/microvm")
+        });
     cache.join("guest")
 }
 
@@ -437,7 +453,9 @@ fn microvm_bin() -> PathBuf {
 }
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
 }
 
 /// On the host, make sure the reference guest exists (guest.sh is instant when cached
@@ -466,11 +484,16 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
     // Whole-suite budget, so a VMM that hangs in every case cannot hold CI for
     // cases x timeout: once spent, the remaining cases fail at once (never skipped).
     let budget = Duration::from_secs(
-        env::var("MICROVM_TEST_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(720),
+        env::var("MICROVM_TEST_BUDGET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(720),
     );
     let mut ctx = Ctx {
         bin: microvm_bin(),
-        kernel: env::var_os("MICROVM_KERNEL").map(PathBuf::from).unwrap_or(guest.join("vmlinuz")),
+        kernel: env::var_os("MICROVM_KERNEL")
+            .map(PathBuf::from)
+            .unwrap_or(guest.join("vmlinuz")),
         initrd: env::var_os("MICROVM_INITRD")
             .map(PathBuf::from)
             .unwrap_or(guest.join("initrd.gz")),
@@ -486,7 +509,9 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         let left = budget.saturating_sub(start.elapsed());
         ctx.timeout = Duration::from_secs(timeout).min(left);
         let res = if left.is_zero() {
-            Err(format!("suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"))
+            Err(format!(
+                "suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"
+            ))
         } else {
             f(&ctx)
         };
@@ -510,12 +535,20 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
             println!("    {n}");
         }
     }
-    println!("\n{}\n", result_line(passed, failures.len(), filtered, start));
+    println!(
+        "\n{}\n",
+        result_line(passed, failures.len(), filtered, start)
+    );
     if failures.is_empty() { 0 } else { 101 }
 }
 
 /// Re-runs this executable inside the nested rig and relays its output.
-fn run_nested(args: &[String], cases: &[(&'static str, CaseFn)], filtered: usize, why: &str) -> i32 {
+fn run_nested(
+    args: &[String],
+    cases: &[(&'static str, CaseFn)],
+    filtered: usize,
+    why: &str,
+) -> i32 {
     let start = Instant::now();
     let exe = env::current_exe().expect("current_exe");
     let exe_name = exe.file_name().unwrap().to_string_lossy().into_owned();
@@ -525,13 +558,21 @@ fn run_nested(args: &[String], cases: &[(&'static str, CaseFn)], filtered: usize
         .env("MICROVM_BIN", microvm_bin())
         .arg("--payload")
         .arg(&exe);
-    for var in ["MICROVM_TEST_TIMEOUT", "MICROVM_TEST_BUDGET", "RUST_BACKTRACE", "RUST_LOG"] {
+    for var in [
+        "MICROVM_TEST_TIMEOUT",
+        "MICROVM_TEST_BUDGET",
+        "RUST_BACKTRACE",
+        "RUST_LOG",
+    ] {
         if let Ok(v) = env::var(var) {
             cmd.arg("--env").arg(format!("{var}={v}"));
         }
     }
     // L1 safety timeout: the suite budget plus slack for building and booting L1.
-    let budget: u64 = env::var("MICROVM_TEST_BUDGET").ok().and_then(|s| s.parse().ok()).unwrap_or(720);
+    let budget: u64 = env::var("MICROVM_TEST_BUDGET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(720);
     cmd.arg("--timeout").arg((budget + 300).to_string());
     // Extra rig.sh options, e.g. MICROVM_RIG_ARGS="--timeout 600 --with-qemu".
     if let Ok(extra) = env::var("MICROVM_RIG_ARGS") {
@@ -560,7 +601,9 @@ fn run_nested(args: &[String], cases: &[(&'static str, CaseFn)], filtered: usize
     }
     let status = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
     if !seen_result {
-        println!("boot: the rig ended (status {status}) before the cases finished; unfinished cases count as failed");
+        println!(
+            "boot: the rig ended (status {status}) before the cases finished; unfinished cases count as failed"
+        );
         println!(
             "\n{}\n",
             result_line(passed, cases.len().saturating_sub(passed), filtered, start)

@@ -45,14 +45,29 @@ fn main() {
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--mark" => { mark = args[i + 1].clone(); i += 2; }
-            "--guest-mem-mib" => { mem_mib = args[i + 1].parse().expect("mib"); i += 2; }
-            "--log" => { log = Some(args[i + 1].clone()); i += 2; }
-            "--" => { cmd = args[i + 1..].to_vec(); break; }
+            "--mark" => {
+                mark = args[i + 1].clone();
+                i += 2;
+            }
+            "--guest-mem-mib" => {
+                mem_mib = args[i + 1].parse().expect("mib");
+                i += 2;
+            }
+            "--log" => {
+                log = Some(args[i + 1].clone());
+                i += 2;
+            }
+            "--" => {
+                cmd = args[i + 1..].to_vec();
+                break;
+            }
             a => panic!("vmmtime: unknown argument {a}"),
         }
     }
-    assert!(!cmd.is_empty() && !mark.is_empty(), "usage: vmmtime --mark STR --guest-mem-mib N -- CMD...");
+    assert!(
+        !cmd.is_empty() && !mark.is_empty(),
+        "usage: vmmtime --mark STR --guest-mem-mib N -- CMD..."
+    );
     let mut logf = log.map(|p| std::fs::File::create(p).expect("log file"));
     let start = Instant::now();
     let mut child = Command::new(&cmd[0])
@@ -82,8 +97,12 @@ fn main() {
     let status = child.wait().expect("wait");
     let exit_ms = start.elapsed().as_secs_f64() * 1e3;
     let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
-    let (r, g) = rss.map(|(r, g)| (r.to_string(), g.to_string())).unwrap_or(("-".into(), "-".into()));
-    let e = rss.map(|(r, g)| (r - g).to_string()).unwrap_or_else(|| "-".into());
+    let (r, g) = rss
+        .map(|(r, g)| (r.to_string(), g.to_string()))
+        .unwrap_or(("-".into(), "-".into()));
+    let e = rss
+        .map(|(r, g)| (r - g).to_string())
+        .unwrap_or_else(|| "-".into());
     println!(
         "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}",
         fmt(init_ms),
