@@ -37,7 +37,7 @@ if [ "$(kvm_mode)" = direct ]; then
     mode="direct (host KVM)"
     env BENCH_N="$N" BENCH_MEM_MIB="$MEM" BENCH_CMDLINE="$CMDLINE" BENCH_SKIP_MICROVM="${BENCH_SKIP_MICROVM:-0}" \
         MICROVM_BIN="$bin" MICROVM_KERNEL="$GUEST_DIR/vmlinuz" MICROVM_INITRD="$GUEST_DIR/initrd.gz" \
-        PATH="$tools:$PATH" sh -c "sed 's|/rig/vmmtime|vmmtime|' '$ROOT/resources/rig/bench-inner.sh' | sh" | tee "$out" >&2
+        VMMTIME="$tools/vmmtime" sh "$ROOT/resources/rig/bench-inner.sh" | tee "$out" >&2
 else
     log "nested mode: $(kvm_mode_reason); timing inside the rig's L1 (QEMU TCG)"
     mode="nested (L1 = QEMU TCG -cpu max, kvm_amd nested=1)"

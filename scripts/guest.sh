@@ -108,7 +108,7 @@ else
     cp "$ROOT/resources/guest/init" "$tmp/init"; chmod 755 "$tmp/init"
     cp "$GUEST_DIR"/modules-l2/* "$tmp/lib/modules/"
     (cd "$tmp" && find . | LC_ALL=C sort | cpio -o -H newc --reproducible -R 0:0 --quiet) \
-        | gzip -6 >"$GUEST_DIR/initrd.gz.new"
+        | gzip -n -6 >"$GUEST_DIR/initrd.gz.new"
     mv "$GUEST_DIR/initrd.gz.new" "$GUEST_DIR/initrd.gz"
     echo "$hash" >"$GUEST_DIR/initrd.stamp"
     log "initrd.gz built ($(du -k "$GUEST_DIR/initrd.gz" | cut -f1) KiB)"

@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-MICROVM_CACHE=${MICROVM_CACHE:-$HOME/.cache/microvm}
+MICROVM_CACHE=${MICROVM_CACHE:-${HOME:-/root}/.cache/microvm}
 GUEST_DIR=$MICROVM_CACHE/guest
 
 log() { printf '%s: %s\n' "${LOG_TAG:-rig}" "$*" >&2; }
