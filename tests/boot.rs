@@ -1,0 +1,614 @@
+//! Tier-3 tests: boot the reference Linux guest (Debian cloud kernel + our busybox
+//! initramfs, prepared by `scripts/guest.sh`) with the real `microvm` binary.
+//!
+//! `harness = false`: this `main()` picks where the cases run.
+//! - `MICROVM_RIG=inner` (we are inside the rig's L1) or a host whose KVM boots ordinary
+//!   kernels (`direct`): run every case here.
+//! - otherwise (`nested`, e.g. a PVM host): re-run this very executable inside the nested
+//!   rig, `scripts/rig.sh --payload <this exe> -- /rig/<exe name> ARGS`, booting L1 once
+//!   for all cases, streaming its output and propagating its status.
+//!
+//! Environment: `MICROVM_BIN` (default: the cargo-built binary), `MICROVM_KERNEL`,
+//! `MICROVM_INITRD` (default: `$MICROVM_CACHE/guest/…`), `MICROVM_RIG=direct|nested|inner`,
+//! `MICROVM_TEST_TIMEOUT` (seconds per wait; default 180 in the rig, 60 direct),
+//! `MICROVM_TEST_BUDGET` (seconds for the whole suite, default 720; cases left when it is
+//! spent fail), `MICROVM_RIG_ARGS` (extra scripts/rig.sh options in nested mode).
+//! Output follows libtest's format; argv: first non-flag argument is a substring filter,
+//! `--exact`, `--skip S`, `--list` are honoured, other libtest flags are ignored.
+
+use std::env;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+type CaseFn = fn(&Ctx) -> Result<(), String>;
+
+const CASES: &[(&str, CaseFn)] = &[
+    ("boots_to_init", boots_to_init),
+    ("smp_two_vcpus", smp_two_vcpus),
+    ("shell_input", shell_input),
+    ("reboot_exits_zero", reboot_exits_zero),
+    ("poweroff_exits_zero", poweroff_exits_zero),
+    ("memory_flag", memory_flag),
+    // Last: in the nested rig a guest that dies by triple fault has been seen to crash L1
+    // (TCG's nested SVM), which would take the remaining cases with it.
+    ("panic_exits_nonzero", panic_exits_nonzero),
+];
+
+const INIT_MARK: &str = "microvm-guest: init reached";
+const SHELL_MARK: &str = "microvm-guest: shell ready";
+
+// ---------------------------------------------------------------------------------------
+// Cases
+
+fn boots_to_init(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&["--cmdline", r#"mvcmd="echo MARK-$((6*7))""#])?;
+    vm.wait_for(INIT_MARK)?;
+    vm.wait_for("MARK-42")?;
+    vm.expect_exit(0)
+}
+
+fn smp_two_vcpus(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&[
+        "--vcpus",
+        "2",
+        "--cmdline",
+        r#"mvcmd="echo CPUS-$(grep -c ^processor /proc/cpuinfo)-$(nproc)""#,
+    ])?;
+    vm.wait_for(INIT_MARK)?;
+    let line = vm.wait_for("CPUS-")?;
+    if !line.contains("CPUS-2-2") {
+        return Err(vm.fail(&format!(
+            "expected CPUS-2-2 (processor lines - nproc), got {line:?}"
+        )));
+    }
+    vm.expect_exit(0)
+}
+
+fn shell_input(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&[])?;
+    vm.wait_for(INIT_MARK)?;
+    vm.wait_for(SHELL_MARK)?;
+    vm.send("echo IN-$((20+22))\n")?;
+    vm.wait_for("IN-42")?;
+    vm.send("poweroff -f\n")?;
+    vm.expect_exit(0)
+}
+
+fn reboot_exits_zero(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&["--cmdline", r#"mvcmd="reboot -f""#])?;
+    vm.wait_for(INIT_MARK)?;
+    vm.expect_exit(0)
+}
+
+fn poweroff_exits_zero(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&["--cmdline", r#"mvcmd="poweroff -f""#])?;
+    vm.wait_for(INIT_MARK)?;
+    vm.expect_exit(0)
+}
+
+fn panic_exits_nonzero(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&["--cmdline", r#"mvcmd="echo c > /proc/sysrq-trigger""#])?;
+    vm.wait_for(INIT_MARK)?;
+    vm.expect_exit(125)?;
+    if !vm.stderr().to_lowercase().contains("panic") {
+        return Err(vm.fail("exit status 125 but stderr does not mention `panic`"));
+    }
+    Ok(())
+}
+
+fn memory_flag(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = ctx.spawn(&[
+        "--memory",
+        "512M",
+        "--cmdline",
+        r#"mvcmd="echo MEM-$(awk '/MemTotal/{print $2}' /proc/meminfo)-KB""#,
+    ])?;
+    vm.wait_for(INIT_MARK)?;
+    let line = vm.wait_for("-KB")?;
+    let kb: Option<u64> = line
+        .split("MEM-")
+        .nth(1)
+        .and_then(|s| s.split("-KB").next())
+        .and_then(|s| s.trim().parse().ok());
+    match kb {
+        Some(kb) if (400 * 1024..=512 * 1024).contains(&kb) => {}
+        _ => {
+            return Err(vm.fail(&format!(
+                "MemTotal should be within 400..=512 MiB, got {line:?}"
+            )));
+        }
+    }
+    vm.expect_exit(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Running one microvm process
+
+struct Ctx {
+    bin: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    timeout: Duration,
+}
+
+impl Ctx {
+    /// Spawns `microvm --kernel K --initrd I EXTRA...` with piped stdio.
+    fn spawn(&self, extra: &[&str]) -> Result<Vm, String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--kernel")
+            .arg(&self.kernel)
+            .arg("--initrd")
+            .arg(&self.initrd)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let cmdline = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot spawn {}: {e}", self.bin.display()))?;
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            pump(child.stdout.take().unwrap(), out.clone()),
+            pump(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Ok(Vm {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+            readers,
+            timeout: self.timeout,
+            deadline: Instant::now() + self.timeout,
+            cmdline,
+            status: None,
+        })
+    }
+}
+
+fn pump(mut src: impl Read + Send + 'static, dst: Arc<Mutex<Vec<u8>>>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dst.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+/// A running microvm. Dropping it kills the process if it is still running.
+struct Vm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<thread::JoinHandle<()>>,
+    timeout: Duration,
+    /// One deadline per case, counted from spawn.
+    deadline: Instant,
+    cmdline: String,
+    status: Option<ExitStatus>,
+}
+
+impl Vm {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).replace('\r', "")
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).replace('\r', "")
+    }
+
+    /// Kills the process and builds a failure message with the console and stderr tails.
+    fn fail(&mut self, what: &str) -> String {
+        self.kill();
+        format!(
+            "{what}\n  command: {}\n  exit: {}\n---- guest console (stdout) tail ----\n{}\n---- stderr tail ----\n{}",
+            self.cmdline,
+            self.status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "killed by the test".into()),
+            tail(&self.stdout(), 40),
+            tail(&self.stderr(), 20),
+        )
+    }
+
+    fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.stdin.take();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                self.status = Some(s);
+                // Let the readers drain the pipes.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+            }
+        }
+        self.status
+    }
+
+    /// Waits until a stdout line contains `needle`; returns that line.
+    fn wait_for(&mut self, needle: &str) -> Result<String, String> {
+        let deadline = self.deadline;
+        loop {
+            let exited = self.poll_exit();
+            if let Some(line) = self.stdout().lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if let Some(s) = exited {
+                return Err(self.fail(&format!("microvm exited ({s}) before printing {needle:?}")));
+            }
+            if Instant::now() > deadline {
+                return Err(self.fail(&format!(
+                    "timed out ({:?} per case) waiting for {needle:?}",
+                    self.timeout
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn send(&mut self, text: &str) -> Result<(), String> {
+        let res = match self.stdin.as_mut() {
+            Some(s) => s.write_all(text.as_bytes()).and_then(|_| s.flush()),
+            None => return Err(self.fail("stdin already closed")),
+        };
+        res.map_err(|e| self.fail(&format!("writing {text:?} to microvm's stdin: {e}")))
+    }
+
+    /// Waits for the process to exit and checks its exit code.
+    fn expect_exit(&mut self, code: i32) -> Result<(), String> {
+        let deadline = self.deadline;
+        loop {
+            if let Some(s) = self.poll_exit() {
+                return if s.code() == Some(code) {
+                    Ok(())
+                } else {
+                    Err(self.fail(&format!("expected exit status {code}, got {s}")))
+                };
+            }
+            if Instant::now() > deadline {
+                return Err(self.fail(&format!(
+                    "timed out ({:?} per case) waiting for microvm to exit",
+                    self.timeout
+                )));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+
+#[derive(Debug, PartialEq)]
+enum Mode {
+    Inner,
+    Direct,
+    Nested(String),
+}
+
+fn mode() -> Mode {
+    match env::var("MICROVM_RIG").as_deref() {
+        Ok("inner") => return Mode::Inner,
+        Ok("direct") => return Mode::Direct,
+        Ok("nested") => return Mode::Nested("MICROVM_RIG=nested".into()),
+        _ => {}
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Mode::Nested(
+            "the host /dev/kvm is PVM (/sys/module/kvm_pvm), which boots only PVM-enabled kernels"
+                .into(),
+        );
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Mode::Direct,
+        Err(e) => Mode::Nested(format!("the host has no usable /dev/kvm ({e})")),
+    }
+}
+
+struct Opts {
+    filter: Option<String>,
+    exact: bool,
+    skip: Vec<String>,
+    list: bool,
+    ignored_only: bool,
+}
+
+fn parse_args(args: &[String]) -> Opts {
+    const WITH_VALUE: &[&str] = &[
+        "--test-threads",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+        "--shuffle-seed",
+        "--skip",
+    ];
+    let mut o = Opts {
+        filter: None,
+        exact: false,
+        skip: vec![],
+        list: false,
+        ignored_only: false,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--exact" => o.exact = true,
+            "--list" => o.list = true,
+            "--ignored" => o.ignored_only = true,
+            "--skip" => o.skip.extend(it.next().cloned()),
+            f if WITH_VALUE.contains(&f) => {
+                it.next();
+            }
+            f if f.starts_with("--skip=") => o.skip.push(f["--skip=".len()..].to_string()),
+            f if f.starts_with('-') => {}
+            f if o.filter.is_none() => o.filter = Some(f.to_string()),
+            _ => {}
+        }
+    }
+    o
+}
+
+fn selected(o: &Opts) -> Vec<(&'static str, CaseFn)> {
+    CASES
+        .iter()
+        .copied()
+        .filter(|(name, _)| match &o.filter {
+            None => true,
+            Some(f) if o.exact => name == f,
+            Some(f) => name.contains(f.as_str()),
+        })
+        .filter(|(name, _)| !o.skip.iter().any(|s| name.contains(s.as_str())))
+        .filter(|_| !o.ignored_only)
+        .collect()
+}
+
+fn result_line(passed: usize, failed: usize, filtered: usize, start: Instant) -> String {
+    format!(
+        "test result: {}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out; finished in {:.2}s",
+        if failed == 0 { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    )
+}
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let opts = parse_args(&args);
+    let cases = selected(&opts);
+    let filtered = CASES.len() - cases.len();
+    if opts.list {
+        for (name, _) in &cases {
+            println!("{name}: test");
+        }
+        println!("\n{} tests, 0 benchmarks", cases.len());
+        return;
+    }
+    let start = Instant::now();
+    if cases.is_empty() {
+        println!(
+            "\nrunning 0 tests\n\n{}\n",
+            result_line(0, 0, filtered, start)
+        );
+        return;
+    }
+    let code = match mode() {
+        Mode::Inner => run_cases(&cases, filtered, true),
+        Mode::Direct => {
+            prepare_guest_on_host();
+            run_cases(&cases, filtered, false)
+        }
+        Mode::Nested(why) => run_nested(&args, &cases, filtered, &why),
+    };
+    std::process::exit(code);
+}
+
+fn cache_guest_dir() -> PathBuf {
+    let cache = env::var_os("MICROVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/microvm")
+        });
+    cache.join("guest")
+}
+
+fn microvm_bin() -> PathBuf {
+    env::var_os("MICROVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_microvm")))
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+/// On the host, make sure the reference guest exists (guest.sh is instant when cached
+/// and rebuilds the initramfs when resources/guest changed).
+fn prepare_guest_on_host() {
+    if env::var_os("MICROVM_KERNEL").is_some() && env::var_os("MICROVM_INITRD").is_some() {
+        return;
+    }
+    let ok = Command::new("bash")
+        .arg(script("guest.sh"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("boot: scripts/guest.sh failed; the cases below will fail");
+    }
+}
+
+fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> i32 {
+    let guest = cache_guest_dir();
+    let timeout = env::var("MICROVM_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if inner { 180 } else { 60 });
+    // Whole-suite budget, so a VMM that hangs in every case cannot hold CI for
+    // cases x timeout: once spent, the remaining cases fail at once (never skipped).
+    let budget = Duration::from_secs(
+        env::var("MICROVM_TEST_BUDGET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(720),
+    );
+    let mut ctx = Ctx {
+        bin: microvm_bin(),
+        kernel: env::var_os("MICROVM_KERNEL")
+            .map(PathBuf::from)
+            .unwrap_or(guest.join("vmlinuz")),
+        initrd: env::var_os("MICROVM_INITRD")
+            .map(PathBuf::from)
+            .unwrap_or(guest.join("initrd.gz")),
+        timeout: Duration::from_secs(timeout),
+    };
+    let start = Instant::now();
+    println!("\nrunning {} tests", cases.len());
+    let (mut passed, mut failures) = (0, Vec::new());
+    for (name, f) in cases {
+        print!("test {name} ... ");
+        let _ = std::io::stdout().flush();
+        let t = Instant::now();
+        let left = budget.saturating_sub(start.elapsed());
+        ctx.timeout = Duration::from_secs(timeout).min(left);
+        let res = if left.is_zero() {
+            Err(format!(
+                "suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"
+            ))
+        } else {
+            f(&ctx)
+        };
+        let secs = t.elapsed().as_secs_f64();
+        match res {
+            Ok(()) => {
+                println!("ok");
+                passed += 1;
+            }
+            Err(msg) => {
+                println!("FAILED");
+                println!("---- {name} ({secs:.1}s) ----\n{msg}\n");
+                failures.push(*name);
+            }
+        }
+        eprintln!("boot: {name} took {secs:.1}s");
+    }
+    if !failures.is_empty() {
+        println!("\nfailures:");
+        for n in &failures {
+            println!("    {n}");
+        }
+    }
+    println!(
+        "\n{}\n",
+        result_line(passed, failures.len(), filtered, start)
+    );
+    if failures.is_empty() { 0 } else { 101 }
+}
+
+/// Re-runs this executable inside the nested rig and relays its output.
+fn run_nested(
+    args: &[String],
+    cases: &[(&'static str, CaseFn)],
+    filtered: usize,
+    why: &str,
+) -> i32 {
+    let start = Instant::now();
+    let exe = env::current_exe().expect("current_exe");
+    let exe_name = exe.file_name().unwrap().to_string_lossy().into_owned();
+    eprintln!("boot: running the cases inside the nested rig (QEMU TCG L1 with kvm_amd): {why}");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script("rig.sh"))
+        .env("MICROVM_BIN", microvm_bin())
+        .arg("--payload")
+        .arg(&exe);
+    for var in [
+        "MICROVM_TEST_TIMEOUT",
+        "MICROVM_TEST_BUDGET",
+        "RUST_BACKTRACE",
+        "RUST_LOG",
+    ] {
+        if let Ok(v) = env::var(var) {
+            cmd.arg("--env").arg(format!("{var}={v}"));
+        }
+    }
+    // L1 safety timeout: the suite budget plus slack for building and booting L1.
+    let budget: u64 = env::var("MICROVM_TEST_BUDGET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(720);
+    cmd.arg("--timeout").arg((budget + 300).to_string());
+    // Extra rig.sh options, e.g. MICROVM_RIG_ARGS="--timeout 600 --with-qemu".
+    if let Ok(extra) = env::var("MICROVM_RIG_ARGS") {
+        cmd.args(extra.split_whitespace());
+    }
+    cmd.arg("--").arg(format!("/rig/{exe_name}")).args(args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("boot: cannot start scripts/rig.sh: {e}");
+            println!("\n{}\n", result_line(0, cases.len(), filtered, start));
+            return 101;
+        }
+    };
+    let (mut seen_result, mut passed) = (false, 0);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        if line.starts_with("test result: ") {
+            seen_result = true;
+        }
+        if line.starts_with("test ") && line.ends_with(" ... ok") {
+            passed += 1;
+        }
+        println!("{line}");
+    }
+    let status = child.wait().map(|s| s.code().unwrap_or(1)).unwrap_or(1);
+    if !seen_result {
+        println!(
+            "boot: the rig ended (status {status}) before the cases finished; unfinished cases count as failed"
+        );
+        println!(
+            "\n{}\n",
+            result_line(passed, cases.len().saturating_sub(passed), filtered, start)
+        );
+        return if status == 0 { 101 } else { status };
+    }
+    status
+}

@@ -1,0 +1,111 @@
+//! vmmtime: boot-timing helper for scripts/bench.sh, run inside the rig's L1 (busybox has
+//! no sub-second clock). Built with plain `rustc -O` (std only).
+//!
+//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] -- CMD ARGS...
+//!
+//! Spawns CMD (stdin /dev/null, stdout piped, stderr to the log), and prints one line:
+//!   vmmtime: init_ms=T1 exit_ms=T2 status=S rss_kib=R guest_kib=G rss_excl_guest_kib=E
+//! T1: process start -> first stdout line containing STR; T2: start -> exit.
+//! RSS is sampled from /proc/PID/smaps when STR appears: R is the sum of all mappings'
+//! Rss, G the Rss of the guest-memory mappings (anonymous mappings whose Size is at least
+//! the guest memory size; QEMU and microvm both map guest RAM as one such region), and
+//! E = R - G: the VMM's own resident memory.
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn smaps_rss(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest) = (0u64, 0u64);
+    let (mut size, mut anon) = (0u64, false);
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let first = it.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // Mapping header: "start-end perms offset dev inode [path]"
+            let path = line.split_whitespace().nth(5);
+            anon = path.is_none();
+            size = 0;
+        } else if first == "Size:" {
+            size = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        } else if first == "Rss:" {
+            let rss: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += rss;
+            if anon && size >= guest_kib {
+                guest += rss;
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut mark, mut mem_mib, mut log, mut cmd) = (String::new(), 0u64, None, Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--mark" => {
+                mark = args[i + 1].clone();
+                i += 2;
+            }
+            "--guest-mem-mib" => {
+                mem_mib = args[i + 1].parse().expect("mib");
+                i += 2;
+            }
+            "--log" => {
+                log = Some(args[i + 1].clone());
+                i += 2;
+            }
+            "--" => {
+                cmd = args[i + 1..].to_vec();
+                break;
+            }
+            a => panic!("vmmtime: unknown argument {a}"),
+        }
+    }
+    assert!(
+        !cmd.is_empty() && !mark.is_empty(),
+        "usage: vmmtime --mark STR --guest-mem-mib N -- CMD..."
+    );
+    let mut logf = log.map(|p| std::fs::File::create(p).expect("log file"));
+    let start = Instant::now();
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(match &logf {
+            Some(f) => Stdio::from(f.try_clone().unwrap()),
+            None => Stdio::null(),
+        })
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (mut init_ms, mut rss) = (None, None);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = Vec::new();
+    while out.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        if init_ms.is_none() && String::from_utf8_lossy(&line).contains(&mark) {
+            init_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+            rss = smaps_rss(pid, mem_mib * 1024);
+        }
+        if let Some(f) = logf.as_mut() {
+            let _ = f.write_all(&line);
+        }
+        line.clear();
+    }
+    let status = child.wait().expect("wait");
+    let exit_ms = start.elapsed().as_secs_f64() * 1e3;
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+    let (r, g) = rss
+        .map(|(r, g)| (r.to_string(), g.to_string()))
+        .unwrap_or(("-".into(), "-".into()));
+    let e = rss
+        .map(|(r, g)| (r - g).to_string())
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}",
+        fmt(init_ms),
+        status.code().unwrap_or(-1)
+    );
+}
