@@ -14,11 +14,11 @@ LOG_TAG=bench
 
 N=${BENCH_N:-5}
 MEM=${BENCH_MEM_MIB:-256}
-# Keep equal to microvm's built-in default command line.
-BASE=${BENCH_CMDLINE:-console=ttyS0 reboot=k panic=1 quiet}
-CMDLINE="$BASE mvcmd=\"poweroff -f\""
 bin=${MICROVM_BIN:-$ROOT/target/release/microvm}
 [ -x "$bin" ] || die "microvm binary $bin missing (make build, or set MICROVM_BIN)"
+# Both VMMs get microvm's built-in default command line.
+BASE=${BENCH_CMDLINE:-$("$bin" --print-default-cmdline)}
+CMDLINE="$BASE mvcmd=\"poweroff -f\""
 
 tools=$MICROVM_CACHE/tools; mkdir -p "$tools"
 h=$(tree_hash "$ROOT/tools/vmmtime.rs")

@@ -61,7 +61,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest kernel: a bzImage or an ELF vmlinux.
-    #[arg(long, value_name = "PATH", required_unless_present = "real_mode_image")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["real_mode_image", "print_default_cmdline"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk (e.g. a gzip'd cpio).
     #[arg(long, value_name = "PATH")]
@@ -88,6 +88,9 @@ pub struct RunArgs {
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
+    /// Print the default kernel command line and exit (for scripts comparing VMMs).
+    #[arg(long, hide = true)]
+    pub print_default_cmdline: bool,
     /// Boot a flat real-mode image at 0x1000 instead of a kernel (tiny test guests).
     #[arg(long, value_name = "PATH", hide = true, conflicts_with_all = ["initrd", "cmdline", "cmdline_replace"])]
     pub real_mode_image: Option<PathBuf>,

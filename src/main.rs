@@ -14,6 +14,10 @@ fn main() {
         });
         std::process::exit(code);
     }
+    if cli.run.print_default_cmdline {
+        println!("{}", microvm::config::DEFAULT_CMDLINE);
+        return;
+    }
     let config = match cli.run.to_config() {
         Ok(c) => c,
         Err(e) => {
