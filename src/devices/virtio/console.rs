@@ -579,3 +579,314 @@ impl<W: Write + Send, I: InterruptSignal> InputTarget for ConsoleInput<W, I> {
         ConsoleInput::accept(self, data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use vm_memory::Bytes;
+
+    use super::super::testutil::{Ring, WRITE, mem};
+    use super::*;
+
+    /// Records each write() call as one chunk.
+    #[derive(Default)]
+    struct Chunks(Vec<Vec<u8>>);
+
+    impl Write for Chunks {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default, Clone)]
+    struct Irq {
+        used: Arc<AtomicUsize>,
+        config: Arc<AtomicUsize>,
+    }
+
+    impl InterruptSignal for Irq {
+        fn signal_used_queue(&self) {
+            self.used.fetch_add(1, Ordering::SeqCst);
+        }
+        fn signal_config_change(&self) {
+            self.config.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    const DATA: u64 = 0x8_0000;
+
+    struct Setup {
+        con: Console<Chunks, Irq>,
+        irq: Irq,
+        rx: Ring,
+        tx: Ring,
+        mem: GuestMemory,
+    }
+
+    fn setup() -> Setup {
+        let mem = mem();
+        let rx = Ring::new(&mem, 0x1000, 16);
+        let tx = Ring::new(&mem, 0x2000, 16);
+        let irq = Irq::default();
+        let mut con = Console::new(Chunks::default(), irq.clone());
+        con.ack_features(con.features());
+        con.activate(mem.clone(), vec![rx.queue(), tx.queue()])
+            .unwrap();
+        Setup {
+            con,
+            irq,
+            rx,
+            tx,
+            mem,
+        }
+    }
+
+    fn put(mem: &GuestMemory, addr: u64, data: &[u8]) {
+        mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn tx_scatter_gather_is_one_chunk() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"hel");
+        put(&s.mem, DATA + 0x100, b"lo ");
+        put(&s.mem, DATA + 0x200, b"world");
+        let h = s.tx.chain(
+            0,
+            &[(DATA, 3, 0), (DATA + 0x100, 3, 0), (DATA + 0x200, 5, 0)],
+        );
+        s.tx.push(h);
+        assert!(!s.con.process_tx());
+        assert_eq!(s.con.sink().0, vec![b"hello world".to_vec()]);
+        assert_eq!(s.tx.used_idx(), 1);
+        assert_eq!(s.tx.used_elem(0), (0, 0));
+        assert_eq!(s.irq.used.load(Ordering::SeqCst), 1);
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn tx_zero_length_and_many_chains_across_wraps() {
+        let mut s = setup();
+        let mut expected = Vec::new();
+        for round in 0..5u64 {
+            for i in 0..16u16 {
+                let addr = DATA + 0x1000 * round + 0x40 * u64::from(i);
+                let text = format!("r{round}c{i};");
+                let len = if i == 7 { 0 } else { text.len() as u32 };
+                put(&s.mem, addr, text.as_bytes());
+                if len > 0 {
+                    expected.push(text.into_bytes());
+                }
+                s.tx.push(s.tx.chain(i, &[(addr, len, 0)]));
+            }
+            s.con.process_tx();
+        }
+        assert_eq!(s.con.sink().0, expected);
+        assert_eq!(s.tx.used_idx(), 80);
+        assert_eq!(s.con.faults(), 0);
+        // nothing left: another pass does nothing
+        s.con.process_tx();
+        assert_eq!(s.tx.used_idx(), 80);
+    }
+
+    #[test]
+    fn tx_skips_bad_chains_and_keeps_going() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"ok");
+        // write-only buffer on TX
+        s.tx.push(s.tx.chain(0, &[(DATA, 2, 0), (DATA, 2, WRITE)]));
+        // outside guest memory
+        s.tx.push(s.tx.chain(2, &[(0xfff_0000, 16, 0)]));
+        // a loop: 4 -> 5 -> 4
+        s.tx.set_desc(4, DATA, 2, 1, 5);
+        s.tx.set_desc(5, DATA, 2, 1, 4);
+        s.tx.push(4);
+        // next index beyond the queue
+        s.tx.set_desc(6, DATA, 2, 1, 100);
+        s.tx.push(6);
+        // too large
+        s.tx.push(s.tx.chain(7, &[(DATA, (MAX_CHAIN_BYTES + 1) as u32, 0)]));
+        // a good one after all that
+        s.tx.push(s.tx.chain(8, &[(DATA, 2, 0)]));
+        // a head index beyond the queue cannot be returned: the queue is unusable
+        s.tx.push(200);
+        s.tx.push(s.tx.chain(9, &[(DATA, 2, 0)]));
+        s.con.process_tx();
+        assert_eq!(s.con.sink().0, vec![b"ok".to_vec()]);
+        // 6 bad chains + the failed add_used
+        assert_eq!(s.con.faults(), 7);
+        assert_eq!(s.tx.used_idx(), 6);
+        assert!(s.con.needs_reset());
+        let _ = s.rx;
+    }
+
+    #[test]
+    fn tx_bad_chains_without_reset() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"ok");
+        s.tx.push(s.tx.chain(0, &[(DATA, 2, 0), (DATA, 2, WRITE)]));
+        s.tx.set_desc(4, DATA, 2, 1, 5);
+        s.tx.set_desc(5, DATA, 2, 1, 4);
+        s.tx.push(4);
+        s.tx.push(s.tx.chain(8, &[(DATA, 2, 0)]));
+        s.con.process_tx();
+        assert_eq!(s.con.sink().0, vec![b"ok".to_vec()]);
+        assert_eq!(s.con.faults(), 2);
+        assert!(!s.con.needs_reset());
+        assert_eq!(s.tx.used_idx(), 3);
+        assert_eq!(s.tx.used_elem(0), (0, 0));
+        assert_eq!(s.tx.used_elem(1), (4, 0));
+    }
+
+    #[test]
+    fn tx_broken_avail_index_needs_reset() {
+        let mut s = setup();
+        s.tx.set_avail_idx(100);
+        s.con.process_tx();
+        assert!(s.con.needs_reset());
+        assert_eq!(s.irq.config.load(Ordering::SeqCst), 1);
+        // stays quiet until reset
+        s.con.process_tx();
+        assert_eq!(s.con.faults(), 1);
+        s.con.reset();
+        assert!(!s.con.needs_reset());
+        assert!(!s.con.is_active());
+    }
+
+    #[test]
+    fn rx_fills_posted_buffers_then_waits() {
+        let mut s = setup();
+        assert_eq!(s.con.receive(b"abc"), 0, "no buffers posted");
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
+        s.rx.push(s.rx.chain(1, &[(DATA + 0x100, 2, WRITE), (DATA + 0x200, 2, WRITE)]));
+        assert_eq!(s.con.receive(b"abcdefghij"), 8);
+        let mut b = [0u8; 4];
+        s.mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+        assert_eq!(&b, b"abcd");
+        s.mem
+            .read_slice(&mut b[..2], GuestAddress(DATA + 0x100))
+            .unwrap();
+        s.mem
+            .read_slice(&mut b[2..], GuestAddress(DATA + 0x200))
+            .unwrap();
+        assert_eq!(&b, b"efgh");
+        assert_eq!(s.rx.used_elem(0), (0, 4));
+        assert_eq!(s.rx.used_elem(1), (1, 4));
+        assert_eq!(s.irq.used.load(Ordering::SeqCst), 1);
+        assert_eq!(s.con.receive(b"ij"), 0, "buffers used up");
+        // a partial fill
+        s.rx.push(s.rx.chain(2, &[(DATA, 64, WRITE)]));
+        assert_eq!(s.con.receive(b"ij"), 2);
+        assert_eq!(s.rx.used_elem(2), (2, 2));
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn rx_rejects_bad_buffers() {
+        let mut s = setup();
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, 0)]));
+        s.rx.push(s.rx.chain(1, &[(0xfff_0000, 4, WRITE)]));
+        assert_eq!(s.con.receive(b"abcd"), 0);
+        assert_eq!(s.con.faults(), 2);
+        assert_eq!(s.rx.used_idx(), 2);
+        assert_eq!(s.rx.used_elem(0), (0, 0));
+        assert!(!s.con.needs_reset());
+    }
+
+    #[test]
+    fn inactive_device_takes_nothing() {
+        let mut con = Console::new(Chunks::default(), Irq::default());
+        assert_eq!(con.receive(b"x"), 0);
+        assert!(!con.process_tx());
+        assert!(!con.is_active());
+    }
+
+    #[test]
+    fn config_space_size_and_emergency_write() {
+        let irq = Irq::default();
+        let mut con = Console::new(Chunks::default(), irq.clone());
+        assert_eq!(con.features() >> 32, 1, "VERSION_1");
+        con.set_size(80, 25);
+        assert_eq!(con.config_generation(), 1);
+        let mut c = [0u8; 12];
+        con.read_config(0, &mut c);
+        assert_eq!(&c[..4], &[80, 0, 25, 0]);
+        let mut r = [0u8; 2];
+        con.read_config(2, &mut r);
+        assert_eq!(u16::from_le_bytes(r), 25);
+        con.read_config(11, &mut r);
+        assert_eq!(r, [0, 0], "beyond the end reads 0");
+        con.read_config(u64::MAX, &mut r);
+        assert_eq!(
+            irq.config.load(Ordering::SeqCst),
+            0,
+            "inactive: no interrupt"
+        );
+        con.write_config(8, &[b'!', 0, 0, 0]);
+        con.write_config(0, &[1, 2]); // read-only fields
+        assert_eq!(con.sink().0, vec![b"!".to_vec()]);
+        // activation with F_SIZE tells the driver the size
+        let mem = mem();
+        con.ack_features(con.features());
+        let (rx, tx) = (Ring::new(&mem, 0x1000, 16), Ring::new(&mem, 0x2000, 16));
+        con.activate(mem.clone(), vec![rx.queue(), tx.queue()])
+            .unwrap();
+        assert_eq!(irq.config.load(Ordering::SeqCst), 1);
+        con.set_size(100, 40);
+        assert_eq!(irq.config.load(Ordering::SeqCst), 2);
+        con.set_size(100, 40);
+        assert_eq!(
+            irq.config.load(Ordering::SeqCst),
+            2,
+            "unchanged: no interrupt"
+        );
+        assert_eq!(con.config_generation(), 2);
+        assert_eq!(con.activate(mem, vec![]), Err(ActivateError::AlreadyActive));
+    }
+
+    #[test]
+    fn activate_needs_both_queues() {
+        let mut con = Console::new(Chunks::default(), Irq::default());
+        assert_eq!(
+            con.activate(mem(), vec![]),
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0
+            })
+        );
+    }
+
+    #[test]
+    fn input_adapter_and_tx_handler() {
+        use event_manager::{EventManager, SubscriberOps};
+        let s = setup();
+        let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let tx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (rx, tx, mem) = (s.rx, s.tx, s.mem);
+        let dev = Arc::new(Mutex::new(s.con));
+        let mut input = ConsoleInput::new(dev.clone(), rx_evt.clone());
+        assert_eq!(input.accept(b"hi"), 0);
+        rx.push(rx.chain(0, &[(DATA, 8, WRITE)]));
+        rx_evt.write(1).unwrap();
+        assert_eq!(input.drained_fd(), rx_evt.as_raw_fd());
+        input.ack_drained();
+        assert!(rx_evt.read().is_err(), "acked");
+        assert_eq!(input.accept(b"hi"), 2);
+
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
+            dev.clone(),
+            tx_evt.try_clone().unwrap(),
+        ))));
+        put(&mem, DATA + 0x100, b"out");
+        tx.push(tx.chain(0, &[(DATA + 0x100, 3, 0)]));
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(dev.lock().unwrap().sink().0, vec![b"out".to_vec()]);
+    }
+}

@@ -359,3 +359,252 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::super::console::Console;
+    use super::super::testutil::{Ring, mem};
+    use super::super::{INT_CONFIG, INT_VRING, InterruptSignal, TYPE_CONSOLE};
+    use super::*;
+
+    type Dev = Console<Vec<u8>, Arc<VirtioInterrupt>>;
+
+    struct T {
+        t: MmioTransport<Dev>,
+        dev: Arc<Mutex<Dev>>,
+        irq: Arc<VirtioInterrupt>,
+        mem: GuestMemory,
+    }
+
+    fn transport() -> T {
+        let mem = mem();
+        let irq = VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let dev = Arc::new(Mutex::new(Console::new(Vec::new(), irq.clone())));
+        let t = MmioTransport::new(dev.clone(), mem.clone(), irq.clone()).unwrap();
+        T { t, dev, irq, mem }
+    }
+
+    fn r(t: &mut MmioTransport<Dev>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport<Dev>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport<Dev>) {
+        w(t, reg::STATUS, status::ACKNOWLEDGE);
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, 1); // VERSION_1
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, 0b101); // SIZE, EMERG_WRITE
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport<Dev>, index: u32, ring: &Ring) {
+        w(t, reg::QUEUE_SEL, index);
+        w(t, reg::QUEUE_NUM, u32::from(ring.size));
+        w(t, reg::QUEUE_DESC_LOW, ring.desc as u32);
+        w(t, reg::QUEUE_DESC_HIGH, 0);
+        w(t, reg::QUEUE_AVAIL_LOW, ring.avail as u32);
+        w(t, reg::QUEUE_AVAIL_HIGH, 0);
+        w(t, reg::QUEUE_USED_LOW, ring.used as u32);
+        w(t, reg::QUEUE_USED_HIGH, 0);
+        w(t, reg::QUEUE_READY, 1);
+    }
+
+    const ALL: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identity_registers() {
+        let mut x = transport();
+        assert_eq!(r(&mut x.t, reg::MAGIC), MMIO_MAGIC);
+        assert_eq!(r(&mut x.t, reg::VERSION), 2);
+        assert_eq!(r(&mut x.t, reg::DEVICE_ID), TYPE_CONSOLE);
+        assert_eq!(r(&mut x.t, reg::VENDOR_ID), VENDOR_ID);
+        w(&mut x.t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut x.t, reg::QUEUE_NUM_MAX), 256);
+        w(&mut x.t, reg::QUEUE_SEL, 2);
+        assert_eq!(r(&mut x.t, reg::QUEUE_NUM_MAX), 0, "no such queue");
+    }
+
+    #[test]
+    fn feature_selectors() {
+        let mut x = transport();
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 0b101);
+        w(&mut x.t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 1);
+        w(&mut x.t, reg::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut x.t, reg::DEVICE_FEATURES), 0);
+        // Driver features before DRIVER are ignored; unknown bits are dropped.
+        w(&mut x.t, reg::DRIVER_FEATURES, 0b101);
+        assert_eq!(x.t.driver_features, 0);
+        negotiate(&mut x.t);
+        assert_eq!(x.t.driver_features, (1 << 32) | 0b101);
+        w(&mut x.t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(
+            x.t.driver_features,
+            (1 << 32) | 0b101,
+            "after FEATURES_OK: ignored"
+        );
+    }
+
+    #[test]
+    fn status_ordering() {
+        let mut x = transport();
+        w(&mut x.t, reg::STATUS, status::DRIVER);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0, "DRIVER before ACKNOWLEDGE");
+        w(
+            &mut x.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER_OK,
+        );
+        assert_eq!(r(&mut x.t, reg::STATUS), 0, "DRIVER_OK skipping steps");
+        w(&mut x.t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        // FEATURES_OK without VERSION_1 is refused
+        w(&mut x.t, reg::DRIVER_FEATURES, 0b1);
+        w(
+            &mut x.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(
+            r(&mut x.t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+        // clearing bits is refused
+        w(&mut x.t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(
+            r(&mut x.t, reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+        // FAILED any time
+        w(
+            &mut x.t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED,
+        );
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::FAILED, 0);
+    }
+
+    #[test]
+    fn bring_up_transmit_and_reset() {
+        let mut x = transport();
+        let rx = Ring::new(&x.mem, 0x1000, 16);
+        let tx = Ring::new(&x.mem, 0x2000, 16);
+        // queue registers before FEATURES_OK are ignored
+        w(&mut x.t, reg::QUEUE_READY, 1);
+        assert_eq!(r(&mut x.t, reg::QUEUE_READY), 0);
+        negotiate(&mut x.t);
+        setup_queue(&mut x.t, 0, &rx);
+        setup_queue(&mut x.t, 1, &tx);
+        assert_eq!(r(&mut x.t, reg::QUEUE_READY), 1);
+        assert!(!x.dev.lock().unwrap().is_active());
+        w(&mut x.t, reg::STATUS, ALL);
+        assert_eq!(r(&mut x.t, reg::STATUS), ALL);
+        assert!(x.dev.lock().unwrap().is_active());
+        // queue registers after DRIVER_OK are ignored
+        w(&mut x.t, reg::QUEUE_NUM, 2);
+        x.mem.write_slice(b"hey", GuestAddress(0x8_0000)).unwrap();
+        tx.push(tx.chain(0, &[(0x8_0000, 3, 0)]));
+        w(&mut x.t, reg::QUEUE_NOTIFY, 1); // ignored: ioeventfd's job
+        x.dev.lock().unwrap().process_tx();
+        assert_eq!(x.dev.lock().unwrap().sink(), b"hey");
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), INT_VRING);
+        w(&mut x.t, reg::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), 0);
+        // config space through the transport, and generation
+        x.dev.lock().unwrap().set_size(132, 43);
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        assert_eq!(r(&mut x.t, reg::CONFIG_GENERATION), 1);
+        let mut b = [0u8; 2];
+        x.t.read(CONFIG_SPACE_OFFSET + 2, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 43);
+        x.t.write(CONFIG_SPACE_OFFSET + 8, &u32::from(b'E').to_le_bytes());
+        assert_eq!(x.dev.lock().unwrap().sink(), b"heyE");
+        // reset
+        w(&mut x.t, reg::STATUS, 0);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0);
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(r(&mut x.t, reg::QUEUE_READY), 0);
+        assert!(!x.dev.lock().unwrap().is_active());
+        // and it comes up again
+        negotiate(&mut x.t);
+        setup_queue(&mut x.t, 0, &Ring::new(&x.mem, 0x4000, 16));
+        setup_queue(&mut x.t, 1, &Ring::new(&x.mem, 0x5000, 16));
+        w(&mut x.t, reg::STATUS, ALL);
+        assert!(x.dev.lock().unwrap().is_active());
+    }
+
+    #[test]
+    fn invalid_queue_size_needs_reset() {
+        let mut x = transport();
+        let rx = Ring::new(&x.mem, 0x1000, 16);
+        negotiate(&mut x.t);
+        setup_queue(&mut x.t, 0, &rx);
+        w(&mut x.t, reg::QUEUE_NUM, 3);
+        w(&mut x.t, reg::STATUS, ALL);
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!x.dev.lock().unwrap().is_active());
+        assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        // a reset clears it
+        w(&mut x.t, reg::STATUS, 0);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn rings_outside_memory_need_reset() {
+        let mut x = transport();
+        negotiate(&mut x.t);
+        let mut bad = Ring::new(&x.mem, 0x1000, 16);
+        bad.used = 0x4000_0000;
+        setup_queue(&mut x.t, 1, &bad);
+        w(&mut x.t, reg::STATUS, ALL);
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!x.dev.lock().unwrap().is_active());
+    }
+
+    #[test]
+    fn device_fault_shows_in_status() {
+        let mut x = transport();
+        let rx = Ring::new(&x.mem, 0x1000, 16);
+        let tx = Ring::new(&x.mem, 0x2000, 16);
+        negotiate(&mut x.t);
+        setup_queue(&mut x.t, 0, &rx);
+        setup_queue(&mut x.t, 1, &tx);
+        w(&mut x.t, reg::STATUS, ALL);
+        tx.set_avail_idx(1000);
+        x.dev.lock().unwrap().process_tx();
+        assert_ne!(r(&mut x.t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        x.irq.signal_used_queue();
+    }
+
+    #[test]
+    fn odd_accesses_are_ignored() {
+        let mut x = transport();
+        let mut two = [0xaau8; 2];
+        x.t.read(reg::MAGIC, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut four = [0xaau8; 4];
+        x.t.read(reg::MAGIC + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        x.t.write(reg::STATUS, &[1]);
+        x.t.write(reg::STATUS + 2, &1u32.to_le_bytes());
+        x.t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r(&mut x.t, reg::STATUS), 0);
+        assert_eq!(r(&mut x.t, 0x0ff0 & !3), 0, "unknown register");
+        let mut big = [0xaau8; 64];
+        x.t.read(CONFIG_SPACE_OFFSET + 0xe00, &mut big);
+        assert_eq!(big, [0u8; 64]);
+    }
+}

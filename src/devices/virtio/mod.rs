@@ -203,6 +203,117 @@ impl FaultLog {
     }
 }
 
+/// Test helpers: a split virtqueue laid out in guest memory, driven like a driver would.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+    use crate::vstate::memory::GuestMemory;
+
+    /// Descriptor flag: the chain continues at `next`.
+    pub const NEXT: u16 = 1;
+    /// Descriptor flag: device-writable buffer.
+    pub const WRITE: u16 = 2;
+
+    /// 1 MiB of guest memory.
+    pub fn mem() -> GuestMemory {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// A driver-side view of one split queue.
+    pub struct Ring {
+        pub mem: GuestMemory,
+        pub size: u16,
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+    }
+
+    impl Ring {
+        /// A ring of `size` entries at `base` (desc table, then avail, then used, aligned).
+        pub fn new(mem: &GuestMemory, base: u64, size: u16) -> Ring {
+            let desc = base;
+            let avail = desc + 16 * u64::from(size);
+            let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+            Ring {
+                mem: mem.clone(),
+                size,
+                desc,
+                avail,
+                used,
+            }
+        }
+
+        /// A queue configured for this ring (as the transport would build it).
+        pub fn queue(&self) -> virtio_queue::Queue {
+            use virtio_queue::QueueT;
+            let mut q = virtio_queue::Queue::new(self.size).unwrap();
+            q.set_size(self.size);
+            q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+            q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+            q.set_ready(true);
+            q
+        }
+
+        /// Writes descriptor `i`.
+        pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let a = GuestAddress(self.desc + 16 * u64::from(i));
+            self.mem.write_obj(addr.to_le(), a).unwrap();
+            self.mem.write_obj(len.to_le(), a.unchecked_add(8)).unwrap();
+            self.mem
+                .write_obj(flags.to_le(), a.unchecked_add(12))
+                .unwrap();
+            self.mem
+                .write_obj(next.to_le(), a.unchecked_add(14))
+                .unwrap();
+        }
+
+        /// Writes a chain of buffers at descriptors `first..`; each (addr, len, flags) gets
+        /// NEXT added except the last. Returns the head.
+        pub fn chain(&self, first: u16, bufs: &[(u64, u32, u16)]) -> u16 {
+            for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
+                let i = first + k as u16;
+                let last = k + 1 == bufs.len();
+                let f = if last { flags } else { flags | NEXT };
+                self.set_desc(i, addr, len, f, if last { 0 } else { i + 1 });
+            }
+            first
+        }
+
+        /// Publishes `head` in the available ring.
+        pub fn push(&self, head: u16) {
+            let idx = self.avail_idx();
+            let slot = GuestAddress(self.avail + 4 + 2 * u64::from(idx % self.size));
+            self.mem.write_obj(head.to_le(), slot).unwrap();
+            self.set_avail_idx(idx.wrapping_add(1));
+        }
+
+        pub fn avail_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
+        }
+
+        pub fn set_avail_idx(&self, idx: u16) {
+            self.mem
+                .write_obj(idx, GuestAddress(self.avail + 2))
+                .unwrap();
+        }
+
+        pub fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        /// Used element `i` (id, len).
+        pub fn used_elem(&self, i: u16) -> (u32, u32) {
+            let a = GuestAddress(self.used + 4 + 8 * u64::from(i % self.size));
+            (
+                self.mem.read_obj(a).unwrap(),
+                self.mem.read_obj(a.unchecked_add(4)).unwrap(),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
