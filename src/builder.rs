@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE,
+    VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
@@ -18,6 +19,11 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::uart::Uart;
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::console::{
+    Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
+};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
 use crate::panic_watch::PanicWatch;
 use crate::stdio_console::{InputTarget, StdinFeeder, StdoutSink};
@@ -61,6 +67,9 @@ pub enum BuildError {
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// The virtio-mmio transport refused its device (a bug).
+    #[error("virtio-mmio: {0}")]
+    Virtio(#[from] MmioError),
     /// A host resource (eventfd, epoll) could not be created.
     #[error("cannot create {what}: {source}")]
     Host {
@@ -136,7 +145,11 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, BuildError> {
 
 /// Loads the guest image(s) and boot structures; returns the boot vCPU's entry point and
 /// whether it starts in long mode.
-fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), BuildError> {
+fn load_guest(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    acpi_devices: &[acpi::AcpiDevice],
+) -> Result<(u64, bool), BuildError> {
     match &config.boot {
         BootSource::Linux {
             kernel,
@@ -150,7 +163,7 @@ fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), Build
                 .map(|p| boot::load_initrd(mem, &k, p))
                 .transpose()?;
             boot::load_command_line(mem, &k, cmdline)?;
-            let rsdp = acpi::write_tables(mem, config.vcpus, &[])?;
+            let rsdp = acpi::write_tables(mem, config.vcpus, acpi_devices)?;
             boot::write_zero_page(mem, &k, cmdline.len(), rd, rsdp)?;
             regs::write_boot_tables(mem)?;
             Ok((k.entry.0, true))
@@ -174,24 +187,24 @@ impl<W: std::io::Write + Send> InputTarget for UartInput<W> {
     }
 }
 
-/// Creates the legacy devices on the port-I/O bus and the console wiring.
+/// Where stdin goes (until the console hub takes over): the target and its drained fd.
+type InputWiring = (Box<dyn InputTarget>, Arc<EventFd>);
+
+/// Creates the legacy devices on the port-I/O bus; returns the bus and the UART's input.
 fn create_devices(
     vm: &Vm,
     exit: &ExitNotifier,
-    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-) -> Result<Bus, BuildError> {
+    watch: &Arc<Mutex<PanicWatch>>,
+) -> Result<(Bus, InputWiring), BuildError> {
     let mut pio = Bus::new();
     let irq = vm.irqfd(COM1_IRQ)?;
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-    let watch = Arc::new(Mutex::new(PanicWatch::new(exit.clone())));
     let uart = Arc::new(Mutex::new(Uart::new(
         irq,
         drained.clone(),
-        StdoutSink::new(watch),
+        StdoutSink::new(watch.clone()),
     )));
     pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart.clone())?;
-    let feeder = StdinFeeder::new(Box::new(UartInput(uart)), drained);
-    event_manager.add_subscriber(Arc::new(Mutex::new(feeder)));
     pio.insert(
         u64::from(I8042_PORT),
         u64::from(I8042_PORT_LEN),
@@ -202,7 +215,71 @@ fn create_devices(
         u64::from(ACPI_PM_PORT_LEN),
         Arc::new(Mutex::new(AcpiPm::new(exit.clone(), ACPI_RESET_VALUE))),
     )?;
-    Ok(pio)
+    Ok((pio, (Box::new(UartInput(uart)), drained)))
+}
+
+/// The console's output sink until the hub arrives: stdout, shared with the UART.
+type VirtioConsole = Console<StdoutSink, Arc<VirtioInterrupt>>;
+
+/// The host terminal's size (columns, rows) when stdout is a terminal.
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the live local `ws`; fd 1 is only queried.
+    let r = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// Creates the virtio console (hvc0) on a virtio-mmio window at `VIRTIO_MMIO_START` with
+/// interrupt `VIRTIO_IRQ_BASE`: irqfd for the interrupt, one ioeventfd per queue at
+/// QueueNotify (datamatch = queue index), the transmit handler on the event loop, the
+/// transport on `mmio`. Returns the DSDT entry that lets ACPI kernels find it and its input.
+fn create_virtio_console(
+    vm: &Vm,
+    mem: &GuestMemory,
+    watch: &Arc<Mutex<PanicWatch>>,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+) -> Result<(acpi::AcpiDevice, InputWiring), BuildError> {
+    let interrupt = VirtioInterrupt::new(vm.irqfd(VIRTIO_IRQ_BASE)?);
+    let mut console = Console::new(StdoutSink::new(watch.clone()), interrupt.clone());
+    if let Some((cols, rows)) = terminal_size() {
+        console.set_size(cols, rows);
+    }
+    let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
+    let tx_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+    let notify = IoEventAddress::Mmio(VIRTIO_MMIO_START + QUEUE_NOTIFY_OFFSET);
+    for (evt, queue) in [(rx_evt.as_ref(), RX_QUEUE), (&tx_evt, TX_QUEUE)] {
+        vm.fd()
+            .register_ioevent(evt, &notify, queue as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    console.set_input_ready_event(rx_evt.clone());
+    let console: Arc<Mutex<VirtioConsole>> = Arc::new(Mutex::new(console));
+    let transport = MmioTransport::new(console.clone(), mem.clone(), interrupt)?;
+    mmio.insert(
+        VIRTIO_MMIO_START,
+        VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
+        console.clone(),
+        tx_evt,
+    ))));
+    let dev = acpi::AcpiDevice {
+        name: "VR00".into(),
+        hid: "LNRO0005",
+        uid: 0,
+        mmio_base: VIRTIO_MMIO_START as u32,
+        mmio_len: VIRTIO_MMIO_SIZE as u32,
+        irq: VIRTIO_IRQ_BASE,
+    };
+    let input = ConsoleInput::new(console, rx_evt.clone());
+    Ok((dev, (Box::new(input), rx_evt)))
 }
 
 /// Creates and configures the vCPUs and starts their threads.
@@ -260,14 +337,24 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
-    let pio = create_devices(&vm, &exit, &mut event_manager)?;
-    let entry = load_guest(&mem, config)?;
+    let watch = Arc::new(Mutex::new(PanicWatch::new(exit.clone())));
+    let (pio, uart_input) = create_devices(&vm, &exit, &watch)?;
+    let mut mmio = Bus::new();
+    let mut acpi_devices = Vec::new();
+    // Stdin feeds hvc0 when it exists (the default command line's console), else ttyS0.
+    let mut input = uart_input;
+    if config.virtio_console {
+        let (dev, virtio_input) =
+            create_virtio_console(&vm, &mem, &watch, &mut mmio, &mut event_manager)?;
+        acpi_devices.push(dev);
+        input = virtio_input;
+    }
+    let (target, drained) = input;
+    event_manager.add_subscriber(Arc::new(Mutex::new(StdinFeeder::new(target, drained))));
+    let entry = load_guest(&mem, config, &acpi_devices)?;
     // After loading, so that a missing or garbage kernel is reported as such first.
     check_pvm(&config.boot)?;
-    let buses = Buses {
-        pio,
-        mmio: Bus::new(),
-    };
+    let buses = Buses { pio, mmio };
     let stop = StopFlag::default();
     let vcpus = start_vcpus(&kvm, &vm, config, entry, &buses, &exit, &stop)?;
     Ok(Vmm::new(event_manager, vcpus, stop, exit, vm, mem))

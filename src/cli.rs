@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// The console hub the guest's consoles attach to (see CONSOLE below).
     #[arg(long, value_name = "SPEC", default_value = "stdio")]
     pub console: String,
+    /// No virtio console: the 16550 UART (ttyS0) is the guest's only console.
+    #[arg(long)]
+    pub no_virtio_console: bool,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -100,6 +103,7 @@ impl RunArgs {
                 cmdline: config::build_cmdline(
                     self.cmdline_replace.as_deref(),
                     self.cmdline.as_deref(),
+                    !self.no_virtio_console,
                 ),
                 pvm_guest: self.pvm_guest,
             },
@@ -110,6 +114,7 @@ impl RunArgs {
             // clap bounds it to 1..=MAX_VCPUS.
             vcpus: u8::try_from(self.vcpus).unwrap_or(MAX_VCPUS),
             console: self.console.clone(),
+            virtio_console: !self.no_virtio_console && self.real_mode_image.is_none(),
         })
     }
 }
@@ -150,6 +155,25 @@ mod tests {
         }
         let cli = parse(&["--kernel", "k", "--memory", "0"]).unwrap();
         assert!(cli.run.to_config().is_err());
+    }
+
+    #[test]
+    fn virtio_console_flag() {
+        let cfg = parse(&["--kernel", "k"]).unwrap().run.to_config().unwrap();
+        assert!(cfg.virtio_console);
+        let cfg = parse(&["--kernel", "k", "--no-virtio-console"])
+            .unwrap()
+            .run
+            .to_config()
+            .unwrap();
+        assert!(!cfg.virtio_console);
+        match cfg.boot {
+            BootSource::Linux { cmdline, .. } => {
+                assert!(cmdline.starts_with("console=ttyS0"));
+                assert!(!cmdline.contains("virtio_mmio"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
