@@ -4,7 +4,13 @@
 //!   the sink `W` in ONE `write()` call, so a hub sees one chunk per guest buffer.
 //! - RX: [`Console::receive`] fills the buffers the guest posted and returns how much it
 //!   took; 0 when none are posted (the caller keeps the bytes and waits for the receive
-//!   queue's notification, the "drained" fd of [`ConsoleInput`]).
+//!   queue's notification, the "drained" fd of [`ConsoleInput`]). Input is taken only once
+//!   the port is open ([`Console::is_open`]): the guest has written to it since activation.
+//!   Linux posts receive buffers before it links the port into its list, and drops data
+//!   that arrives in between (`in_intr` finds no port and flushes the buffers), so input
+//!   offered right at DRIVER_OK would be lost; a guest that writes to hvc0 (a prompt, a
+//!   log line) is past that point. This also tells the hub when to move its input target
+//!   from the UART to hvc0.
 //! - Features: VIRTIO_F_VERSION_1, VIRTIO_CONSOLE_F_SIZE (cols/rows in the config space,
 //!   [`Console::set_size`]), VIRTIO_CONSOLE_F_EMERG_WRITE (a config write at offset 8 emits
 //!   one byte).
@@ -116,6 +122,7 @@ pub struct Console<W: Write + Send, I: InterruptSignal> {
     mem: Option<GuestMemory>,
     queues: Vec<Queue>,
     broken: bool,
+    open: bool,
     log: FaultLog,
     input_ready: Option<Arc<EventFd>>,
     tx_buf: Vec<u8>,
@@ -134,6 +141,7 @@ impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
             mem: None,
             queues: Vec::new(),
             broken: false,
+            open: false,
             log: FaultLog::new("microvm: virtio-console:"),
             input_ready: None,
             tx_buf: Vec::new(),
@@ -149,6 +157,12 @@ impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
     /// True once the driver set DRIVER_OK with valid queues (and no reset since).
     pub fn is_active(&self) -> bool {
         self.mem.is_some() && !self.queues.is_empty()
+    }
+
+    /// True once the guest has written to the port since activation: input is taken from
+    /// then on (see the module notes).
+    pub fn is_open(&self) -> bool {
+        self.is_active() && self.open
     }
 
     /// The output sink.
@@ -265,18 +279,21 @@ impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
         }
         if used {
             self.interrupt.signal_used_queue();
+            if !self.open {
+                self.open = true;
+                // Let the input side offer what it holds.
+                if let Some(evt) = &self.input_ready {
+                    let _ = evt.write(1);
+                }
+            }
         }
         more
     }
 
     /// Offers input to the guest: fills posted receive buffers and returns how many bytes
-    /// were taken; 0 when no buffer is posted (or the device is not active).
+    /// were taken; 0 when no buffer is posted (or the port is not open yet).
     pub fn receive(&mut self, data: &[u8]) -> usize {
-        let Some(mem) = self
-            .mem
-            .clone()
-            .filter(|_| self.is_active() && !self.broken)
-        else {
+        let Some(mem) = self.mem.clone().filter(|_| self.is_open() && !self.broken) else {
             return 0;
         };
         let mut done = 0;
@@ -482,9 +499,7 @@ impl<W: Write + Send, I: InterruptSignal> VirtioDevice for Console<W, I> {
         self.mem = Some(mem);
         self.queues = queues;
         self.broken = false;
-        if let Some(evt) = &self.input_ready {
-            let _ = evt.write(1);
-        }
+        self.open = false;
         // Tell the driver the terminal size (Linux reads it on a config change).
         if self.acked(VIRTIO_CONSOLE_F_SIZE) && (self.cols, self.rows) != (0, 0) {
             self.interrupt.signal_config_change();
@@ -497,6 +512,7 @@ impl<W: Write + Send, I: InterruptSignal> VirtioDevice for Console<W, I> {
         self.queues.clear();
         self.acked_features = 0;
         self.broken = false;
+        self.open = false;
     }
 
     fn needs_reset(&self) -> bool {
@@ -558,7 +574,7 @@ impl<W: Write + Send, I: InterruptSignal> ConsoleInput<W, I> {
         lock(&self.device).receive(data)
     }
 
-    /// Readable when the guest posted receive buffers (or the device became active).
+    /// Readable when the guest posted receive buffers (or the port opened).
     pub fn drained_fd(&self) -> RawFd {
         self.rx_evt.as_raw_fd()
     }
@@ -648,6 +664,15 @@ mod tests {
 
     fn put(mem: &GuestMemory, addr: u64, data: &[u8]) {
         mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// The guest writes to the port (a prompt), which opens it for input.
+    fn open(s: &mut Setup) {
+        put(&s.mem, DATA + 0xf000, b"$ ");
+        let i = s.tx.avail_idx() % 16;
+        s.tx.push(s.tx.chain(i, &[(DATA + 0xf000, 2, 0)]));
+        s.con.process_tx();
+        assert!(s.con.is_open());
     }
 
     #[test]
@@ -759,8 +784,25 @@ mod tests {
     }
 
     #[test]
+    fn rx_waits_for_the_port_to_open() {
+        let mut s = setup();
+        let ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        s.con.set_input_ready_event(ready.clone());
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
+        assert!(!s.con.is_open());
+        assert_eq!(s.con.receive(b"abc"), 0, "port not open yet");
+        assert!(ready.read().is_err());
+        open(&mut s);
+        assert_eq!(ready.read().unwrap(), 1, "input side told to offer again");
+        assert_eq!(s.con.receive(b"abc"), 3);
+        s.con.reset();
+        assert!(!s.con.is_open());
+    }
+
+    #[test]
     fn rx_fills_posted_buffers_then_waits() {
         let mut s = setup();
+        open(&mut s);
         assert_eq!(s.con.receive(b"abc"), 0, "no buffers posted");
         s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
         s.rx.push(s.rx.chain(1, &[(DATA + 0x100, 2, WRITE), (DATA + 0x200, 2, WRITE)]));
@@ -777,7 +819,11 @@ mod tests {
         assert_eq!(&b, b"efgh");
         assert_eq!(s.rx.used_elem(0), (0, 4));
         assert_eq!(s.rx.used_elem(1), (1, 4));
-        assert_eq!(s.irq.used.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            s.irq.used.load(Ordering::SeqCst),
+            2,
+            "one for the tx, one for the rx"
+        );
         assert_eq!(s.con.receive(b"ij"), 0, "buffers used up");
         // a partial fill
         s.rx.push(s.rx.chain(2, &[(DATA, 64, WRITE)]));
@@ -789,6 +835,7 @@ mod tests {
     #[test]
     fn rx_rejects_bad_buffers() {
         let mut s = setup();
+        open(&mut s);
         s.rx.push(s.rx.chain(0, &[(DATA, 4, 0)]));
         s.rx.push(s.rx.chain(1, &[(0xfff_0000, 4, WRITE)]));
         assert_eq!(s.con.receive(b"abcd"), 0);
@@ -864,7 +911,8 @@ mod tests {
     #[test]
     fn input_adapter_and_tx_handler() {
         use event_manager::{EventManager, SubscriberOps};
-        let s = setup();
+        let mut s = setup();
+        open(&mut s);
         let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let tx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (rx, tx, mem) = (s.rx, s.tx, s.mem);
@@ -884,9 +932,9 @@ mod tests {
             tx_evt.try_clone().unwrap(),
         ))));
         put(&mem, DATA + 0x100, b"out");
-        tx.push(tx.chain(0, &[(DATA + 0x100, 3, 0)]));
+        tx.push(tx.chain(1, &[(DATA + 0x100, 3, 0)]));
         tx_evt.write(1).unwrap();
         em.run_with_timeout(100).unwrap();
-        assert_eq!(dev.lock().unwrap().sink().0, vec![b"out".to_vec()]);
+        assert_eq!(dev.lock().unwrap().sink().0[1], b"out".to_vec());
     }
 }

@@ -12,6 +12,7 @@
 //! through an irqfd, with the reason in [`VirtioInterrupt`]'s status bits.
 
 pub mod console;
+pub mod fuzzing;
 pub mod mmio;
 
 use std::sync::Arc;
