@@ -54,7 +54,7 @@ proptest! {
     ) {
         let mut d = vec![6u8];
         // mostly valid sizes, sometimes not
-        let pick = |s: u16| if s % 4 == 0 { s } else { 1 << (s % 9) };
+        let pick = |s: u16| if s.is_multiple_of(4) { s } else { 1 << (s % 9) };
         d.extend_from_slice(&pick(sizes.0).to_le_bytes());
         d.extend_from_slice(&pick(sizes.1).to_le_bytes());
         d.push(0x87);
