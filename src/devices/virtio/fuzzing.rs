@@ -100,6 +100,7 @@ pub struct Outcome {
 
 /// Runs one input. Never panics on any input (that is what the fuzzer checks).
 pub fn run(data: &[u8]) -> Outcome {
+    super::set_faults_quiet(true);
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
     else {
         return Outcome::default();

@@ -151,6 +151,15 @@ impl InterruptSignal for Arc<VirtioInterrupt> {
     }
 }
 
+/// When set, [`FaultLog`] counts but prints nothing (the fuzz harness, which creates a
+/// device per input and would otherwise flood stderr).
+static FAULTS_QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences (or re-enables) guest-fault messages process-wide.
+pub fn set_faults_quiet(quiet: bool) {
+    FAULTS_QUIET.store(quiet, Ordering::Relaxed);
+}
+
 /// Rate-limited error reporting for guest-driven faults: the first message always, then at
 /// most one per interval, with a count of the ones left out.
 #[derive(Debug)]
@@ -186,7 +195,8 @@ impl FaultLog {
             self.suppressed += 1;
             return;
         }
-        if self.suppressed > 0 {
+        if FAULTS_QUIET.load(Ordering::Relaxed) {
+        } else if self.suppressed > 0 {
             eprintln!(
                 "{} {msg} ({} similar errors not shown)",
                 self.prefix, self.suppressed
