@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN,
+    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE,
+    VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
@@ -18,8 +19,13 @@ use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::uart::{ConsoleSink, Uart};
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::console::{
+    Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
+};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
-use crate::mux::{ConsoleSpec, FrontendInput, Hub, MuxError};
+use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError};
 use crate::panic_watch::PanicWatch;
 use crate::vmm::{Consoles, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
@@ -64,6 +70,9 @@ pub enum BuildError {
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// The virtio-mmio transport refused its device (a bug).
+    #[error("virtio-mmio: {0}")]
+    Virtio(#[from] MmioError),
     /// A host resource (eventfd, epoll) could not be created.
     #[error("cannot create {what}: {source}")]
     Host {
@@ -139,7 +148,11 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, BuildError> {
 
 /// Loads the guest image(s) and boot structures; returns the boot vCPU's entry point and
 /// whether it starts in long mode.
-fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), BuildError> {
+fn load_guest(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    acpi_devices: &[acpi::AcpiDevice],
+) -> Result<(u64, bool), BuildError> {
     match &config.boot {
         BootSource::Linux {
             kernel,
@@ -153,7 +166,7 @@ fn load_guest(mem: &GuestMemory, config: &VmConfig) -> Result<(u64, bool), Build
                 .map(|p| boot::load_initrd(mem, &k, p))
                 .transpose()?;
             boot::load_command_line(mem, &k, cmdline)?;
-            let rsdp = acpi::write_tables(mem, config.vcpus, &[])?;
+            let rsdp = acpi::write_tables(mem, config.vcpus, acpi_devices)?;
             boot::write_zero_page(mem, &k, cmdline.len(), rd, rsdp)?;
             regs::write_boot_tables(mem)?;
             Ok((k.entry.0, true))
@@ -261,6 +274,78 @@ fn create_devices(vm: &Vm, exit: &ExitNotifier, consoles: &Consoles) -> Result<B
     Ok(pio)
 }
 
+/// The virtio console as built here: output to a console hub, interrupts through an irqfd.
+type VirtioConsole = Console<HubWriter, Arc<VirtioInterrupt>>;
+
+/// The host terminal's size (columns, rows) when stdout is a terminal.
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the live local `ws`; fd 1 is only queried.
+    let r = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// Creates the virtio console (hvc0) on a virtio-mmio window at `VIRTIO_MMIO_START` with
+/// interrupt `VIRTIO_IRQ_BASE`: irqfd for the interrupt, one ioeventfd per queue at
+/// QueueNotify (datamatch = queue index), the transmit handler on the event loop, the
+/// transport on `mmio`, and the device as the `--console` hub's "hvc0" frontend.
+fn create_virtio_console(
+    vm: &Vm,
+    mem: &GuestMemory,
+    consoles: &Consoles,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+) -> Result<(), BuildError> {
+    let Some(hub) = consoles.hubs.first() else {
+        return Ok(());
+    };
+    let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
+    let interrupt = VirtioInterrupt::new(vm.irqfd(VIRTIO_IRQ_BASE)?);
+    let mut console = Console::new(hub.writer(), interrupt.clone());
+    if let Some((cols, rows)) = terminal_size() {
+        console.set_size(cols, rows);
+    }
+    let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
+    let tx_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+    let notify = IoEventAddress::Mmio(VIRTIO_MMIO_START + QUEUE_NOTIFY_OFFSET);
+    for (evt, queue) in [(rx_evt.as_ref(), RX_QUEUE), (&tx_evt, TX_QUEUE)] {
+        vm.fd()
+            .register_ioevent(evt, &notify, queue as u32)
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    }
+    console.set_input_ready_event(rx_evt.clone());
+    let console: Arc<Mutex<VirtioConsole>> = Arc::new(Mutex::new(console));
+    let transport = MmioTransport::new(console.clone(), mem.clone(), interrupt)?;
+    mmio.insert(
+        VIRTIO_MMIO_START,
+        VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
+        console.clone(),
+        tx_evt,
+    ))));
+    hub.add_frontend("hvc0", Box::new(ConsoleInput::new(console, rx_evt)))?;
+    Ok(())
+}
+
+/// The DSDT entry through which ACPI kernels find the virtio console.
+fn virtio_console_acpi() -> acpi::AcpiDevice {
+    acpi::AcpiDevice {
+        name: "VR00".into(),
+        hid: "LNRO0005",
+        uid: 0,
+        mmio_base: VIRTIO_MMIO_START as u32,
+        mmio_len: VIRTIO_MMIO_SIZE as u32,
+        irq: VIRTIO_IRQ_BASE,
+    }
+}
+
 /// Creates and configures the vCPUs and starts their threads.
 fn start_vcpus(
     kvm: &Kvm,
@@ -316,16 +401,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
-    let entry = load_guest(&mem, config)?;
+    let acpi_devices: Vec<acpi::AcpiDevice> = config
+        .virtio_console
+        .then(virtio_console_acpi)
+        .into_iter()
+        .collect();
+    let entry = load_guest(&mem, config, &acpi_devices)?;
     // After loading, so that a missing or garbage kernel is reported as such first.
     check_pvm(&config.boot)?;
     // Consoles last: bad input must not leave a socket or log file behind.
     let consoles = create_consoles(config, &exit)?;
     let pio = create_devices(&vm, &exit, &consoles)?;
-    let buses = Buses {
-        pio,
-        mmio: Bus::new(),
-    };
+    let mut mmio = Bus::new();
+    if config.virtio_console {
+        create_virtio_console(&vm, &mem, &consoles, &mut mmio, &mut event_manager)?;
+    }
+    let buses = Buses { pio, mmio };
     let stop = StopFlag::default();
     let vcpus = start_vcpus(&kvm, &vm, config, entry, &buses, &exit, &stop)?;
     for hub in &consoles.hubs {

@@ -85,6 +85,9 @@ pub struct RunArgs {
     /// Give the 16550 UART (ttyS0) a hub of its own instead of the --console hub.
     #[arg(long, value_name = "SPEC")]
     pub serial: Option<String>,
+    /// No virtio console: the 16550 UART (ttyS0) is the guest's only console.
+    #[arg(long)]
+    pub no_virtio_console: bool,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -111,6 +114,7 @@ impl RunArgs {
                 cmdline: config::build_cmdline(
                     self.cmdline_replace.as_deref(),
                     self.cmdline.as_deref(),
+                    !self.no_virtio_console,
                 ),
                 pvm_guest: self.pvm_guest,
             },
@@ -126,6 +130,7 @@ impl RunArgs {
                 .as_deref()
                 .map(|s| config::parse_console("serial", s))
                 .transpose()?,
+            virtio_console: !self.no_virtio_console && self.real_mode_image.is_none(),
         })
     }
 }
@@ -185,6 +190,25 @@ mod tests {
         let cli = parse(&["--kernel", "k", "--console", "mux:stdio,bogus"]).unwrap();
         let e = cli.run.to_config().unwrap_err().to_string();
         assert!(e.starts_with("--console mux:stdio,bogus: "), "{e}");
+    }
+
+    #[test]
+    fn virtio_console_flag() {
+        let cfg = parse(&["--kernel", "k"]).unwrap().run.to_config().unwrap();
+        assert!(cfg.virtio_console);
+        let cfg = parse(&["--kernel", "k", "--no-virtio-console"])
+            .unwrap()
+            .run
+            .to_config()
+            .unwrap();
+        assert!(!cfg.virtio_console);
+        match cfg.boot {
+            BootSource::Linux { cmdline, .. } => {
+                assert!(cmdline.starts_with("console=ttyS0"));
+                assert!(!cmdline.contains("virtio_mmio"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2,14 +2,33 @@
 
 use std::path::PathBuf;
 
+use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::mux::{ConsoleSpec, SpecError};
 
-/// The default kernel command line, chosen for a fast microVM boot: the console on the
-/// 16550, reset through the i8042 (`reboot=k`), reboot one second after a panic (microvm
-/// reports the panic and exits non-zero), no PCI bus to scan, one legacy UART to probe, no
-/// PS/2 mouse or mux probing, and a quiet log (raise it with `--cmdline loglevel=7`).
+/// The default kernel command line with the UART as the only console, chosen for a fast
+/// microVM boot: the console on the 16550, reset through the i8042 (`reboot=k`), reboot one
+/// second after a panic (microvm reports the panic and exits non-zero), no PCI bus to scan,
+/// one legacy UART to probe, no PS/2 mouse or mux probing, and a quiet log (raise it with
+/// `--cmdline loglevel=7`).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 \
 i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// The default command line with the virtio console present: the 16550 as early console
+/// until hvc0 registers, then hvc0 as the console. The kernel does not replay the log to
+/// hvc0 when a boot console was active, so the stream holds the boot log once.
+pub const DEFAULT_CMDLINE_VIRTIO: &str = "earlycon=uart8250,io,0x3f8 console=hvc0 reboot=k \
+panic=1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// Describes the virtio-mmio console to kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES
+/// (others, like Debian's, find it in the ACPI DSDT and ignore this).
+pub fn virtio_mmio_cmdline_device() -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        VIRTIO_MMIO_SIZE >> 10,
+        VIRTIO_MMIO_START,
+        VIRTIO_IRQ_BASE
+    )
+}
 
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
@@ -90,6 +109,8 @@ pub struct VmConfig {
     pub console: ConsoleSpec,
     /// A hub of the UART's own (`--serial`); when absent the UART joins `console`.
     pub serial: Option<ConsoleSpec>,
+    /// Whether the guest gets a virtio console (hvc0) beside the UART.
+    pub virtio_console: bool,
 }
 
 /// Parses a console spec given to `--{option}`.
@@ -148,16 +169,24 @@ pub fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// The command line: the default (or `replace`), then `append`.
-pub fn build_cmdline(replace: Option<&str>, append: Option<&str>) -> String {
-    let mut c = replace.unwrap_or(DEFAULT_CMDLINE).trim().to_string();
-    if let Some(extra) = append.map(str::trim).filter(|s| !s.is_empty()) {
-        if !c.is_empty() {
-            c.push(' ');
-        }
-        c.push_str(extra);
+/// The command line: the default for the console set-up (or `replace`), the virtio-mmio
+/// device parameter when the virtio console is present, then `append` (last, so that a
+/// user's `-- init args` stay at the end).
+pub fn build_cmdline(replace: Option<&str>, append: Option<&str>, virtio_console: bool) -> String {
+    let default = if virtio_console {
+        DEFAULT_CMDLINE_VIRTIO
+    } else {
+        DEFAULT_CMDLINE
+    };
+    let mut parts: Vec<String> = vec![replace.unwrap_or(default).trim().to_string()];
+    if virtio_console {
+        parts.push(virtio_mmio_cmdline_device());
     }
-    c
+    if let Some(extra) = append {
+        parts.push(extra.trim().to_string());
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(" ")
 }
 
 #[cfg(test)]
@@ -195,9 +224,24 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        assert_eq!(build_cmdline(None, None), DEFAULT_CMDLINE);
-        assert!(build_cmdline(None, Some("x=1")).ends_with(" quiet x=1"));
-        assert_eq!(build_cmdline(Some("a"), Some("b")), "a b");
-        assert_eq!(build_cmdline(Some(""), None), "");
+        assert_eq!(build_cmdline(None, None, false), DEFAULT_CMDLINE);
+        assert!(build_cmdline(None, Some("x=1"), false).ends_with(" quiet x=1"));
+        assert_eq!(build_cmdline(Some("a"), Some("b"), false), "a b");
+        assert_eq!(build_cmdline(Some(""), None, false), "");
+        assert_eq!(build_cmdline(Some(""), Some(" "), false), "");
+        let v = build_cmdline(None, Some("x=1"), true);
+        assert!(
+            v.starts_with("earlycon=uart8250,io,0x3f8 console=hvc0 "),
+            "{v}"
+        );
+        assert!(!v.contains("ttyS0"));
+        assert!(
+            v.ends_with(" quiet virtio_mmio.device=4K@0xd0000000:5 x=1"),
+            "{v}"
+        );
+        assert_eq!(
+            build_cmdline(Some("a"), None, true),
+            "a virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 }

@@ -232,13 +232,13 @@ impl Vm {
     }
 
     fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.status = Some(s);
-                // Let the readers drain the pipes.
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
+        if self.status.is_none()
+            && let Ok(Some(s)) = self.child.try_wait()
+        {
+            self.status = Some(s);
+            // Let the readers drain the pipes.
+            for r in self.readers.drain(..) {
+                let _ = r.join();
             }
         }
         self.status
@@ -249,8 +249,16 @@ impl Vm {
         let deadline = self.deadline;
         loop {
             let exited = self.poll_exit();
-            if let Some(line) = self.stdout().lines().find(|l| l.contains(needle)) {
-                return Ok(line.to_string());
+            // The kernel echoes its command line (which holds mvcmd="..." with the
+            // markers' source text): never match there.
+            let found = self
+                .stdout()
+                .lines()
+                .filter(|l| !l.contains("Command line:") && !l.contains("command line parameters"))
+                .find(|l| l.contains(needle))
+                .map(str::to_string);
+            if let Some(line) = found {
+                return Ok(line);
             }
             if let Some(s) = exited {
                 return Err(self.fail(&format!("microvm exited ({s}) before printing {needle:?}")));

@@ -7,3 +7,4 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
 pub mod uart;
+pub mod virtio;

@@ -170,6 +170,12 @@ pub trait FrontendInput: Send {
     fn drained_fd(&self) -> RawFd;
     /// Read/clear the drained fd.
     fn ack_drained(&mut self) {}
+    /// Whether the guest is using this console for input now. Input follows the guest: it
+    /// goes to the last-registered frontend that is open (a virtio console once the guest
+    /// has opened its port, the UART before), until the user picks one with Ctrl-A c.
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// Epoll registration, abstracted so the hub logic runs without an event loop in tests.
@@ -460,6 +466,8 @@ pub struct Hub {
     listeners: Vec<ListenerState>,
     frontends: Vec<Frontend>,
     target: usize,
+    /// The user chose the target with Ctrl-A c: stop following the guest.
+    target_pinned: bool,
     input: VecDeque<u8>,
     observers: Vec<Observer>,
     on_decongested: Option<Box<dyn FnMut() + Send>>,
@@ -531,6 +539,7 @@ impl Hub {
             listeners: Vec::new(),
             frontends: Vec::new(),
             target: 0,
+            target_pinned: false,
             observers: Vec::new(),
             on_decongested: None,
             next_token: TOK_DYNAMIC,
@@ -1016,6 +1025,7 @@ impl Hub {
             EscapeAction::SwitchInput => {
                 if !self.frontends.is_empty() {
                     self.target = (self.target + 1) % self.frontends.len();
+                    self.target_pinned = true;
                 }
                 let msg = match self.frontends.get(self.target) {
                     Some(f) => format!("\r\n[microvm: input goes to {}]\r\n", f.name),
@@ -1036,6 +1046,10 @@ impl Hub {
 
     /// Offer held input to the input-target frontend.
     fn feed(&mut self) {
+        let followed = self.frontends.iter().rposition(|f| f.input.is_open());
+        if let Some(open) = followed.filter(|_| !self.target_pinned) {
+            self.target = open;
+        }
         while !self.input.is_empty() {
             let Some(fe) = self.frontends.get_mut(self.target) else {
                 return;

@@ -1,0 +1,935 @@
+//! The virtio console (device type 3), port 0 only: receiveq (0) and transmitq (1).
+//!
+//! - TX: every available chain's readable bytes are gathered (scatter-gather) and handed to
+//!   the sink `W` in ONE `write()` call, so a hub sees one chunk per guest buffer.
+//! - RX: [`Console::receive`] fills the buffers the guest posted and returns how much it
+//!   took; 0 when none are posted (the caller keeps the bytes and waits for the receive
+//!   queue's notification, the "drained" fd of [`ConsoleInput`]). Input is taken only once
+//!   the port is open ([`Console::is_open`]): the guest has written to it since activation.
+//!   Linux posts receive buffers before it links the port into its list, and drops data
+//!   that arrives in between (`in_intr` finds no port and flushes the buffers), so input
+//!   offered right at DRIVER_OK would be lost; a guest that writes to hvc0 (a prompt, a
+//!   log line) is past that point. This also tells the hub when to move its input target
+//!   from the UART to hvc0.
+//! - Features: VIRTIO_F_VERSION_1, VIRTIO_CONSOLE_F_SIZE (cols/rows in the config space,
+//!   [`Console::set_size`]), VIRTIO_CONSOLE_F_EMERG_WRITE (a config write at offset 8 emits
+//!   one byte).
+//! - Guest faults (write-only buffers on TX, readable ones on RX, buffers outside guest
+//!   memory, loops, chains longer than the queue or than [`MAX_CHAIN_BYTES`]) skip the chain
+//!   and return it used with length 0; a queue that cannot be used at all (broken available
+//!   index, used ring not writable) sets DEVICE_NEEDS_RESET. Each is logged, rate-limited,
+//!   on stderr; nothing panics.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
+};
+use crate::mux::FrontendInput;
+use crate::vstate::memory::GuestMemory;
+
+/// Index of the receive queue (host to guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest to host).
+pub const TX_QUEUE: usize = 1;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Feature bit: cols/rows in the configuration space.
+pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
+/// Feature bit: emergency write through the configuration space.
+pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u32 = 2;
+/// The largest chain (readable bytes on TX) accepted as one chunk; Linux sends at most
+/// 128 KiB per buffer.
+pub const MAX_CHAIN_BYTES: usize = 1 << 20;
+/// Chains handled per [`Console::process_tx`] call before yielding to the event loop.
+const TX_BATCH: usize = 4 * QUEUE_SIZE as usize;
+/// Offset of `emerg_wr` in the configuration space.
+const EMERG_WR_OFFSET: u64 = 8;
+/// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr).
+const CONFIG_LEN: usize = 12;
+
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+
+/// A guest error in one chain or queue.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleFault {
+    /// A device-writable buffer on the transmit queue.
+    #[error("transmitq: write-only descriptor in chain {0}; chain skipped")]
+    WriteOnlyOnTx(u16),
+    /// A device-readable buffer on the receive queue.
+    #[error("receiveq: read-only descriptor in chain {0}; chain skipped")]
+    ReadOnlyOnRx(u16),
+    /// A buffer outside guest memory.
+    #[error(
+        "{queue}: buffer {addr:#x}+{len:#x} in chain {head} is outside guest memory; chain skipped"
+    )]
+    OutOfMemory {
+        /// Queue name.
+        queue: &'static str,
+        /// Chain head.
+        head: u16,
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// The chain loops, is longer than the queue, names a bad index or cannot be read.
+    #[error(
+        "{queue}: chain {head} is broken (loop, too long, bad index or unreadable descriptor); chain skipped"
+    )]
+    BrokenChain {
+        /// Queue name.
+        queue: &'static str,
+        /// Chain head.
+        head: u16,
+    },
+    /// More readable bytes than one chunk may hold.
+    #[error("transmitq: chain {0} carries more than {MAX_CHAIN_BYTES} bytes; chain skipped")]
+    ChainTooLarge(u16),
+    /// The queue itself cannot be used.
+    #[error("{queue}: queue unusable ({source}); device needs reset")]
+    Queue {
+        /// Queue name.
+        queue: &'static str,
+        /// What virtio-queue said.
+        source: virtio_queue::Error,
+    },
+}
+
+fn queue_name(index: usize) -> &'static str {
+    if index == RX_QUEUE {
+        "receiveq"
+    } else {
+        "transmitq"
+    }
+}
+
+/// The virtio console device, generic over its output sink and its interrupt.
+pub struct Console<W: Write + Send, I: InterruptSignal> {
+    out: W,
+    interrupt: I,
+    acked_features: u64,
+    cols: u16,
+    rows: u16,
+    generation: u32,
+    mem: Option<GuestMemory>,
+    queues: Vec<Queue>,
+    broken: bool,
+    open: bool,
+    log: FaultLog,
+    input_ready: Option<Arc<EventFd>>,
+    tx_buf: Vec<u8>,
+}
+
+impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
+    /// A console writing guest output to `out` and raising `interrupt`.
+    pub fn new(out: W, interrupt: I) -> Self {
+        Console {
+            out,
+            interrupt,
+            acked_features: 0,
+            cols: 0,
+            rows: 0,
+            generation: 0,
+            mem: None,
+            queues: Vec::new(),
+            broken: false,
+            open: false,
+            log: FaultLog::new("microvm: virtio-console:"),
+            input_ready: None,
+            tx_buf: Vec::new(),
+        }
+    }
+
+    /// An eventfd written when the device becomes active, so that the input side offers
+    /// what it holds (normally the receive queue's ioeventfd, the input's "drained" fd).
+    pub fn set_input_ready_event(&mut self, evt: Arc<EventFd>) {
+        self.input_ready = Some(evt);
+    }
+
+    /// True once the driver set DRIVER_OK with valid queues (and no reset since).
+    pub fn is_active(&self) -> bool {
+        self.mem.is_some() && !self.queues.is_empty()
+    }
+
+    /// True once the guest has written to the port since activation: input is taken from
+    /// then on (see the module notes).
+    pub fn is_open(&self) -> bool {
+        self.is_active() && self.open
+    }
+
+    /// The output sink.
+    pub fn sink(&self) -> &W {
+        &self.out
+    }
+
+    /// The output sink, mutably.
+    pub fn sink_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Guest faults seen so far.
+    pub fn faults(&self) -> u64 {
+        self.log.total()
+    }
+
+    /// The terminal size the guest sees (columns, rows).
+    pub fn size(&self) -> (u16, u16) {
+        (self.cols, self.rows)
+    }
+
+    /// Sets the terminal size; the guest is told through a config-change interrupt when it
+    /// negotiated VIRTIO_CONSOLE_F_SIZE.
+    pub fn set_size(&mut self, cols: u16, rows: u16) {
+        if (cols, rows) == (self.cols, self.rows) {
+            return;
+        }
+        self.cols = cols;
+        self.rows = rows;
+        self.generation = self.generation.wrapping_add(1);
+        if self.is_active() && self.acked(VIRTIO_CONSOLE_F_SIZE) {
+            self.interrupt.signal_config_change();
+        }
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    fn fault(&mut self, f: ConsoleFault) {
+        self.log.report(format_args!("{f}"));
+    }
+
+    fn fail_queue(&mut self, index: usize, source: virtio_queue::Error) {
+        self.fault(ConsoleFault::Queue {
+            queue: queue_name(index),
+            source,
+        });
+        self.broken = true;
+        self.interrupt.signal_config_change();
+    }
+
+    /// Pops the next available chain of queue `index`; `Err` when the queue is unusable.
+    fn pop<'m>(
+        &mut self,
+        mem: &'m GuestMemory,
+        index: usize,
+    ) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
+        let q = &mut self.queues[index];
+        let mut iter = q.iter(mem)?;
+        Ok(iter.next())
+    }
+
+    fn add_used(&mut self, mem: &GuestMemory, index: usize, head: u16, len: u32) -> bool {
+        match self.queues[index].add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail_queue(index, e);
+                false
+            }
+        }
+    }
+
+    /// Moves every available transmit chain to the sink. Returns true when chains may be
+    /// left (the batch limit was reached): call again after other work.
+    pub fn process_tx(&mut self) -> bool {
+        let Some(mem) = self
+            .mem
+            .clone()
+            .filter(|_| self.is_active() && !self.broken)
+        else {
+            return false;
+        };
+        let mut used = false;
+        let mut more = false;
+        for n in 0.. {
+            if n == TX_BATCH {
+                more = true;
+                break;
+            }
+            let chain = match self.pop(&mem, TX_QUEUE) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail_queue(TX_QUEUE, e);
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let mut buf = std::mem::take(&mut self.tx_buf);
+            match gather(&mem, chain, &mut buf) {
+                Ok(()) => write_chunk(&mut self.out, &buf),
+                Err(f) => self.fault(f),
+            }
+            self.tx_buf = buf;
+            if !self.add_used(&mem, TX_QUEUE, head, 0) {
+                break;
+            }
+            used = true;
+        }
+        if self.tx_buf.capacity() > 4 * 65536 {
+            self.tx_buf = Vec::new();
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+            if !self.open {
+                self.open = true;
+                // Let the input side offer what it holds.
+                if let Some(evt) = &self.input_ready {
+                    let _ = evt.write(1);
+                }
+            }
+        }
+        more
+    }
+
+    /// Offers input to the guest: fills posted receive buffers and returns how many bytes
+    /// were taken; 0 when no buffer is posted (or the port is not open yet).
+    pub fn receive(&mut self, data: &[u8]) -> usize {
+        let Some(mem) = self.mem.clone().filter(|_| self.is_open() && !self.broken) else {
+            return 0;
+        };
+        let mut done = 0;
+        let mut used = false;
+        // Bounded: a guest that keeps posting empty buffers cannot hold the event loop.
+        for _ in 0..2 * QUEUE_SIZE {
+            if done == data.len() {
+                break;
+            }
+            let chain = match self.pop(&mem, RX_QUEUE) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail_queue(RX_QUEUE, e);
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let n = match scatter(&mem, chain, &data[done..]) {
+                Ok(n) => n,
+                Err(f) => {
+                    self.fault(f);
+                    0
+                }
+            };
+            // n <= data.len(), which is far below u32::MAX per buffer in practice; clamp.
+            if !self.add_used(&mem, RX_QUEUE, head, u32::try_from(n).unwrap_or(u32::MAX)) {
+                break;
+            }
+            done += n;
+            used = true;
+        }
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+        done
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..2].copy_from_slice(&self.cols.to_le_bytes());
+        c[2..4].copy_from_slice(&self.rows.to_le_bytes());
+        // max_nr_ports (valid with MULTIPORT only) and emerg_wr read as 0.
+        c
+    }
+}
+
+/// Writes `buf` as one chunk (one `write()` call; the rest only if the sink took less).
+fn write_chunk<W: Write>(out: &mut W, buf: &[u8]) {
+    let mut off = 0;
+    while off < buf.len() {
+        match out.write(&buf[off..]) {
+            Ok(0) => break,
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The sink never blocks; an error means the output is gone, like a cut cable.
+            Err(_) => break,
+        }
+    }
+}
+
+/// Gathers a transmit chain's bytes into `buf`.
+fn gather(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    buf: &mut Vec<u8>,
+) -> Result<(), ConsoleFault> {
+    let head = chain.head_index();
+    buf.clear();
+    let mut seen = 0usize;
+    let mut open = true;
+    for desc in chain {
+        seen += 1;
+        open = desc.has_next();
+        if desc.is_write_only() {
+            return Err(ConsoleFault::WriteOnlyOnTx(head));
+        }
+        let len = desc.len() as usize;
+        let start = buf.len();
+        if start + len > MAX_CHAIN_BYTES {
+            return Err(ConsoleFault::ChainTooLarge(head));
+        }
+        buf.resize(start + len, 0);
+        mem.read_slice(&mut buf[start..], desc.addr())
+            .map_err(|_| ConsoleFault::OutOfMemory {
+                queue: "transmitq",
+                head,
+                addr: desc.addr().0,
+                len: desc.len(),
+            })?;
+    }
+    if seen == 0 || open {
+        buf.clear();
+        return Err(ConsoleFault::BrokenChain {
+            queue: "transmitq",
+            head,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `data` into a receive chain's buffers; returns the bytes written. The chain is
+/// checked whole before anything is written.
+fn scatter(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    data: &[u8],
+) -> Result<usize, ConsoleFault> {
+    let head = chain.head_index();
+    let mut bufs: Vec<(GuestAddress, usize)> = Vec::new();
+    let mut open = true;
+    for desc in chain {
+        open = desc.has_next();
+        if !desc.is_write_only() {
+            return Err(ConsoleFault::ReadOnlyOnRx(head));
+        }
+        let len = desc.len() as usize;
+        if len > 0 && !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+            return Err(ConsoleFault::OutOfMemory {
+                queue: "receiveq",
+                head,
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+        bufs.push((desc.addr(), len));
+    }
+    if bufs.is_empty() || open {
+        return Err(ConsoleFault::BrokenChain {
+            queue: "receiveq",
+            head,
+        });
+    }
+    let mut done = 0;
+    for (addr, len) in bufs {
+        let n = len.min(data.len() - done);
+        if n == 0 {
+            break;
+        }
+        mem.write_slice(&data[done..done + n], addr)
+            .map_err(|_| ConsoleFault::OutOfMemory {
+                queue: "receiveq",
+                head,
+                addr: addr.0,
+                len: len as u32,
+            })?;
+        done += n;
+    }
+    Ok(done)
+}
+
+impl<W: Write + Send, I: InterruptSignal> VirtioDevice for Console<W, I> {
+    fn device_type(&self) -> u32 {
+        TYPE_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_CONSOLE_F_SIZE)
+            | (1u64 << VIRTIO_CONSOLE_F_EMERG_WRITE)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| c.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The driver may use emerg_wr before negotiating anything (virtio 1.2, 5.3.4).
+        if offset == EMERG_WR_OFFSET && (1..=4).contains(&data.len()) {
+            write_chunk(&mut self.out, &data[..1]);
+        }
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn activate(&mut self, mem: GuestMemory, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        if self.is_active() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: queues.len(),
+            });
+        }
+        self.mem = Some(mem);
+        self.queues = queues;
+        self.broken = false;
+        self.open = false;
+        // Tell the driver the terminal size (Linux reads it on a config change).
+        if self.acked(VIRTIO_CONSOLE_F_SIZE) && (self.cols, self.rows) != (0, 0) {
+            self.interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.mem = None;
+        self.queues.clear();
+        self.acked_features = 0;
+        self.broken = false;
+        self.open = false;
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
+
+/// Locks a shared console, surviving a poisoned lock (a panicked holder).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Event-loop glue: owns the transmit queue's ioeventfd and moves output when it fires.
+pub struct ConsoleTxHandler<W: Write + Send, I: InterruptSignal> {
+    device: Arc<Mutex<Console<W, I>>>,
+    tx_evt: EventFd,
+}
+
+impl<W: Write + Send, I: InterruptSignal> ConsoleTxHandler<W, I> {
+    /// A handler for `device`'s transmit queue, notified through `tx_evt`.
+    pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> Self {
+        ConsoleTxHandler { device, tx_evt }
+    }
+}
+
+impl<W: Write + Send, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() != self.tx_evt.as_raw_fd() {
+            return;
+        }
+        let _ = self.tx_evt.read();
+        if lock(&self.device).process_tx() {
+            // Chains left after a full batch: come back after the other event sources.
+            let _ = self.tx_evt.write(1);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.tx_evt, EventSet::IN));
+    }
+}
+
+/// The console's input side, as the console hub's `FrontendInput` wants it: `accept`
+/// offers bytes; `drained_fd` (the receive queue's ioeventfd) becomes readable when the
+/// guest posts receive buffers, i.e. when there is room for more.
+pub struct ConsoleInput<W: Write + Send, I: InterruptSignal> {
+    device: Arc<Mutex<Console<W, I>>>,
+    rx_evt: Arc<EventFd>,
+}
+
+impl<W: Write + Send, I: InterruptSignal> ConsoleInput<W, I> {
+    /// Input for `device`, whose receive queue notifies `rx_evt`.
+    pub fn new(device: Arc<Mutex<Console<W, I>>>, rx_evt: Arc<EventFd>) -> Self {
+        ConsoleInput { device, rx_evt }
+    }
+}
+
+impl<W: Write + Send, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
+    /// Offers bytes; returns how many the guest's posted buffers took.
+    fn accept(&mut self, data: &[u8]) -> usize {
+        lock(&self.device).receive(data)
+    }
+
+    /// Readable when the guest posted receive buffers (or the port opened).
+    fn drained_fd(&self) -> RawFd {
+        self.rx_evt.as_raw_fd()
+    }
+
+    fn ack_drained(&mut self) {
+        let _ = self.rx_evt.read();
+    }
+
+    /// The guest has opened its port (written to it since activation).
+    fn is_open(&self) -> bool {
+        lock(&self.device).is_open()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use vm_memory::Bytes;
+
+    use super::super::testutil::{Ring, WRITE, mem};
+    use super::*;
+
+    /// Records each write() call as one chunk.
+    #[derive(Default)]
+    struct Chunks(Vec<Vec<u8>>);
+
+    impl Write for Chunks {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default, Clone)]
+    struct Irq {
+        used: Arc<AtomicUsize>,
+        config: Arc<AtomicUsize>,
+    }
+
+    impl InterruptSignal for Irq {
+        fn signal_used_queue(&self) {
+            self.used.fetch_add(1, Ordering::SeqCst);
+        }
+        fn signal_config_change(&self) {
+            self.config.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    const DATA: u64 = 0x8_0000;
+
+    struct Setup {
+        con: Console<Chunks, Irq>,
+        irq: Irq,
+        rx: Ring,
+        tx: Ring,
+        mem: GuestMemory,
+    }
+
+    fn setup() -> Setup {
+        let mem = mem();
+        let rx = Ring::new(&mem, 0x1000, 16);
+        let tx = Ring::new(&mem, 0x2000, 16);
+        let irq = Irq::default();
+        let mut con = Console::new(Chunks::default(), irq.clone());
+        con.ack_features(con.features());
+        con.activate(mem.clone(), vec![rx.queue(), tx.queue()])
+            .unwrap();
+        Setup {
+            con,
+            irq,
+            rx,
+            tx,
+            mem,
+        }
+    }
+
+    fn put(mem: &GuestMemory, addr: u64, data: &[u8]) {
+        mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// The guest writes to the port (a prompt), which opens it for input.
+    fn open(s: &mut Setup) {
+        put(&s.mem, DATA + 0xf000, b"$ ");
+        let i = s.tx.avail_idx() % 16;
+        s.tx.push(s.tx.chain(i, &[(DATA + 0xf000, 2, 0)]));
+        s.con.process_tx();
+        assert!(s.con.is_open());
+    }
+
+    #[test]
+    fn tx_scatter_gather_is_one_chunk() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"hel");
+        put(&s.mem, DATA + 0x100, b"lo ");
+        put(&s.mem, DATA + 0x200, b"world");
+        let h = s.tx.chain(
+            0,
+            &[(DATA, 3, 0), (DATA + 0x100, 3, 0), (DATA + 0x200, 5, 0)],
+        );
+        s.tx.push(h);
+        assert!(!s.con.process_tx());
+        assert_eq!(s.con.sink().0, vec![b"hello world".to_vec()]);
+        assert_eq!(s.tx.used_idx(), 1);
+        assert_eq!(s.tx.used_elem(0), (0, 0));
+        assert_eq!(s.irq.used.load(Ordering::SeqCst), 1);
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn tx_zero_length_and_many_chains_across_wraps() {
+        let mut s = setup();
+        let mut expected = Vec::new();
+        for round in 0..5u64 {
+            for i in 0..16u16 {
+                let addr = DATA + 0x1000 * round + 0x40 * u64::from(i);
+                let text = format!("r{round}c{i};");
+                let len = if i == 7 { 0 } else { text.len() as u32 };
+                put(&s.mem, addr, text.as_bytes());
+                if len > 0 {
+                    expected.push(text.into_bytes());
+                }
+                s.tx.push(s.tx.chain(i, &[(addr, len, 0)]));
+            }
+            s.con.process_tx();
+        }
+        assert_eq!(s.con.sink().0, expected);
+        assert_eq!(s.tx.used_idx(), 80);
+        assert_eq!(s.con.faults(), 0);
+        // nothing left: another pass does nothing
+        s.con.process_tx();
+        assert_eq!(s.tx.used_idx(), 80);
+    }
+
+    #[test]
+    fn tx_skips_bad_chains_and_keeps_going() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"ok");
+        // write-only buffer on TX
+        s.tx.push(s.tx.chain(0, &[(DATA, 2, 0), (DATA, 2, WRITE)]));
+        // outside guest memory
+        s.tx.push(s.tx.chain(2, &[(0xfff_0000, 16, 0)]));
+        // a loop: 4 -> 5 -> 4
+        s.tx.set_desc(4, DATA, 2, 1, 5);
+        s.tx.set_desc(5, DATA, 2, 1, 4);
+        s.tx.push(4);
+        // next index beyond the queue
+        s.tx.set_desc(6, DATA, 2, 1, 100);
+        s.tx.push(6);
+        // too large
+        s.tx.push(s.tx.chain(7, &[(DATA, (MAX_CHAIN_BYTES + 1) as u32, 0)]));
+        // a good one after all that
+        s.tx.push(s.tx.chain(8, &[(DATA, 2, 0)]));
+        // a head index beyond the queue cannot be returned: the queue is unusable
+        s.tx.push(200);
+        s.tx.push(s.tx.chain(9, &[(DATA, 2, 0)]));
+        s.con.process_tx();
+        assert_eq!(s.con.sink().0, vec![b"ok".to_vec()]);
+        // 6 bad chains + the failed add_used
+        assert_eq!(s.con.faults(), 7);
+        assert_eq!(s.tx.used_idx(), 6);
+        assert!(s.con.needs_reset());
+        let _ = s.rx;
+    }
+
+    #[test]
+    fn tx_bad_chains_without_reset() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"ok");
+        s.tx.push(s.tx.chain(0, &[(DATA, 2, 0), (DATA, 2, WRITE)]));
+        s.tx.set_desc(4, DATA, 2, 1, 5);
+        s.tx.set_desc(5, DATA, 2, 1, 4);
+        s.tx.push(4);
+        s.tx.push(s.tx.chain(8, &[(DATA, 2, 0)]));
+        s.con.process_tx();
+        assert_eq!(s.con.sink().0, vec![b"ok".to_vec()]);
+        assert_eq!(s.con.faults(), 2);
+        assert!(!s.con.needs_reset());
+        assert_eq!(s.tx.used_idx(), 3);
+        assert_eq!(s.tx.used_elem(0), (0, 0));
+        assert_eq!(s.tx.used_elem(1), (4, 0));
+    }
+
+    #[test]
+    fn tx_broken_avail_index_needs_reset() {
+        let mut s = setup();
+        s.tx.set_avail_idx(100);
+        s.con.process_tx();
+        assert!(s.con.needs_reset());
+        assert_eq!(s.irq.config.load(Ordering::SeqCst), 1);
+        // stays quiet until reset
+        s.con.process_tx();
+        assert_eq!(s.con.faults(), 1);
+        s.con.reset();
+        assert!(!s.con.needs_reset());
+        assert!(!s.con.is_active());
+    }
+
+    #[test]
+    fn rx_waits_for_the_port_to_open() {
+        let mut s = setup();
+        let ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        s.con.set_input_ready_event(ready.clone());
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
+        assert!(!s.con.is_open());
+        assert_eq!(s.con.receive(b"abc"), 0, "port not open yet");
+        assert!(ready.read().is_err());
+        open(&mut s);
+        assert_eq!(ready.read().unwrap(), 1, "input side told to offer again");
+        assert_eq!(s.con.receive(b"abc"), 3);
+        s.con.reset();
+        assert!(!s.con.is_open());
+    }
+
+    #[test]
+    fn rx_fills_posted_buffers_then_waits() {
+        let mut s = setup();
+        open(&mut s);
+        assert_eq!(s.con.receive(b"abc"), 0, "no buffers posted");
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
+        s.rx.push(s.rx.chain(1, &[(DATA + 0x100, 2, WRITE), (DATA + 0x200, 2, WRITE)]));
+        assert_eq!(s.con.receive(b"abcdefghij"), 8);
+        let mut b = [0u8; 4];
+        s.mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+        assert_eq!(&b, b"abcd");
+        s.mem
+            .read_slice(&mut b[..2], GuestAddress(DATA + 0x100))
+            .unwrap();
+        s.mem
+            .read_slice(&mut b[2..], GuestAddress(DATA + 0x200))
+            .unwrap();
+        assert_eq!(&b, b"efgh");
+        assert_eq!(s.rx.used_elem(0), (0, 4));
+        assert_eq!(s.rx.used_elem(1), (1, 4));
+        assert_eq!(
+            s.irq.used.load(Ordering::SeqCst),
+            2,
+            "one for the tx, one for the rx"
+        );
+        assert_eq!(s.con.receive(b"ij"), 0, "buffers used up");
+        // a partial fill
+        s.rx.push(s.rx.chain(2, &[(DATA, 64, WRITE)]));
+        assert_eq!(s.con.receive(b"ij"), 2);
+        assert_eq!(s.rx.used_elem(2), (2, 2));
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn rx_rejects_bad_buffers() {
+        let mut s = setup();
+        open(&mut s);
+        s.rx.push(s.rx.chain(0, &[(DATA, 4, 0)]));
+        s.rx.push(s.rx.chain(1, &[(0xfff_0000, 4, WRITE)]));
+        assert_eq!(s.con.receive(b"abcd"), 0);
+        assert_eq!(s.con.faults(), 2);
+        assert_eq!(s.rx.used_idx(), 2);
+        assert_eq!(s.rx.used_elem(0), (0, 0));
+        assert!(!s.con.needs_reset());
+    }
+
+    #[test]
+    fn inactive_device_takes_nothing() {
+        let mut con = Console::new(Chunks::default(), Irq::default());
+        assert_eq!(con.receive(b"x"), 0);
+        assert!(!con.process_tx());
+        assert!(!con.is_active());
+    }
+
+    #[test]
+    fn config_space_size_and_emergency_write() {
+        let irq = Irq::default();
+        let mut con = Console::new(Chunks::default(), irq.clone());
+        assert_eq!(con.features() >> 32, 1, "VERSION_1");
+        con.set_size(80, 25);
+        assert_eq!(con.config_generation(), 1);
+        let mut c = [0u8; 12];
+        con.read_config(0, &mut c);
+        assert_eq!(&c[..4], &[80, 0, 25, 0]);
+        let mut r = [0u8; 2];
+        con.read_config(2, &mut r);
+        assert_eq!(u16::from_le_bytes(r), 25);
+        con.read_config(11, &mut r);
+        assert_eq!(r, [0, 0], "beyond the end reads 0");
+        con.read_config(u64::MAX, &mut r);
+        assert_eq!(
+            irq.config.load(Ordering::SeqCst),
+            0,
+            "inactive: no interrupt"
+        );
+        con.write_config(8, &[b'!', 0, 0, 0]);
+        con.write_config(0, &[1, 2]); // read-only fields
+        assert_eq!(con.sink().0, vec![b"!".to_vec()]);
+        // activation with F_SIZE tells the driver the size
+        let mem = mem();
+        con.ack_features(con.features());
+        let (rx, tx) = (Ring::new(&mem, 0x1000, 16), Ring::new(&mem, 0x2000, 16));
+        con.activate(mem.clone(), vec![rx.queue(), tx.queue()])
+            .unwrap();
+        assert_eq!(irq.config.load(Ordering::SeqCst), 1);
+        con.set_size(100, 40);
+        assert_eq!(irq.config.load(Ordering::SeqCst), 2);
+        con.set_size(100, 40);
+        assert_eq!(
+            irq.config.load(Ordering::SeqCst),
+            2,
+            "unchanged: no interrupt"
+        );
+        assert_eq!(con.config_generation(), 2);
+        assert_eq!(con.activate(mem, vec![]), Err(ActivateError::AlreadyActive));
+    }
+
+    #[test]
+    fn activate_needs_both_queues() {
+        let mut con = Console::new(Chunks::default(), Irq::default());
+        assert_eq!(
+            con.activate(mem(), vec![]),
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0
+            })
+        );
+    }
+
+    #[test]
+    fn input_adapter_and_tx_handler() {
+        use event_manager::{EventManager, SubscriberOps};
+        let mut s = setup();
+        open(&mut s);
+        let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let tx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (rx, tx, mem) = (s.rx, s.tx, s.mem);
+        let dev = Arc::new(Mutex::new(s.con));
+        let mut input = ConsoleInput::new(dev.clone(), rx_evt.clone());
+        assert_eq!(input.accept(b"hi"), 0);
+        rx.push(rx.chain(0, &[(DATA, 8, WRITE)]));
+        rx_evt.write(1).unwrap();
+        assert_eq!(input.drained_fd(), rx_evt.as_raw_fd());
+        input.ack_drained();
+        assert!(rx_evt.read().is_err(), "acked");
+        assert_eq!(input.accept(b"hi"), 2);
+
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
+            dev.clone(),
+            tx_evt.try_clone().unwrap(),
+        ))));
+        put(&mem, DATA + 0x100, b"out");
+        tx.push(tx.chain(1, &[(DATA + 0x100, 3, 0)]));
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(dev.lock().unwrap().sink().0[1], b"out".to_vec());
+    }
+}
