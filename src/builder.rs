@@ -15,17 +15,18 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
+use crate::devices::ConsoleSink;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
-use crate::devices::uart::{ConsoleSink, Uart};
+use crate::devices::uart::Uart;
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::console::{
     Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
 };
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
-use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError};
+use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
 use crate::vmm::{Consoles, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
@@ -277,19 +278,6 @@ fn create_devices(vm: &Vm, exit: &ExitNotifier, consoles: &Consoles) -> Result<B
 /// The virtio console as built here: output to a console hub, interrupts through an irqfd.
 type VirtioConsole = Console<HubWriter, Arc<VirtioInterrupt>>;
 
-/// The host terminal's size (columns, rows) when stdout is a terminal.
-fn terminal_size() -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the live local `ws`; fd 1 is only queried.
-    let r = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) };
-    (r == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
-}
-
 /// Creates the virtio console (hvc0) on a virtio-mmio window at `VIRTIO_MMIO_START` with
 /// interrupt `VIRTIO_IRQ_BASE`: irqfd for the interrupt, one ioeventfd per queue at
 /// QueueNotify (datamatch = queue index), the transmit handler on the event loop, the
@@ -307,7 +295,8 @@ fn create_virtio_console(
     let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let interrupt = VirtioInterrupt::new(vm.irqfd(VIRTIO_IRQ_BASE)?);
     let mut console = Console::new(hub.writer(), interrupt.clone());
-    if let Some((cols, rows)) = terminal_size() {
+    let tty_size = term::terminal_size(libc::STDOUT_FILENO);
+    if let Some((cols, rows)) = tty_size {
         console.set_size(cols, rows);
     }
     let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
@@ -320,6 +309,26 @@ fn create_virtio_console(
     }
     console.set_input_ready_event(rx_evt.clone());
     let console: Arc<Mutex<VirtioConsole>> = Arc::new(Mutex::new(console));
+    // Pacing: the device leaves transmit chains queued while the hub is congested; this
+    // hook makes the transmit handler look again once the hub has caught up.
+    let resume = tx_evt.try_clone().map_err(host_err("eventfd"))?;
+    hub.on_decongested(Box::new(move || {
+        let _ = resume.write(1);
+    }));
+    // The guest's hvc0 follows the host terminal's size (VIRTIO_CONSOLE_F_SIZE).
+    if tty_size.is_some() {
+        let resized = console.clone();
+        let watcher = term::ResizeWatcher::new(
+            term::resize_events().map_err(host_err("SIGWINCH eventfd"))?,
+            libc::STDOUT_FILENO,
+            Box::new(move |cols, rows| {
+                if let Ok(mut c) = resized.lock() {
+                    c.set_size(cols, rows);
+                }
+            }),
+        );
+        event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+    }
     let transport = MmioTransport::new(console.clone(), mem.clone(), interrupt)?;
     mmio.insert(
         VIRTIO_MMIO_START,

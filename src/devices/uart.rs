@@ -11,15 +11,14 @@
 //! output like on a slow line; [`Uart::raise_thre`] tells it when to resume. vm-superio
 //! itself always reports THR empty, so this is done around it.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::ConsoleSink;
 use super::bus::BusDevice;
-use crate::mux::HubWriter;
 
 const IER_OFFSET: u8 = 1;
 const LCR_OFFSET: u8 = 3;
@@ -27,22 +26,6 @@ const LSR_OFFSET: u8 = 5;
 const LCR_DLAB: u8 = 0x80;
 const LSR_THRE: u8 = 0x20;
 const LSR_TEMT: u8 = 0x40;
-
-/// Where a UART's output goes: a writer that never blocks.
-pub trait ConsoleSink: Write + Send {
-    /// True while the consumer is behind; the UART then reports its transmitter busy.
-    fn congested(&self) -> bool {
-        false
-    }
-}
-
-impl ConsoleSink for HubWriter {
-    fn congested(&self) -> bool {
-        HubWriter::congested(self)
-    }
-}
-
-impl ConsoleSink for Vec<u8> {}
 
 /// Raises the UART's interrupt line by writing to its irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -135,6 +118,8 @@ impl<W: ConsoleSink> BusDevice for Uart<W> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     fn uart() -> (Uart<Vec<u8>>, EventFd, Arc<EventFd>) {

@@ -470,7 +470,7 @@ pub struct Hub {
     target_pinned: bool,
     input: VecDeque<u8>,
     observers: Vec<Observer>,
-    on_decongested: Option<Box<dyn FnMut() + Send>>,
+    on_decongested: Vec<Box<dyn FnMut() + Send>>,
     next_token: u32,
     initialized: bool,
     shut: bool,
@@ -541,7 +541,7 @@ impl Hub {
             target: 0,
             target_pinned: false,
             observers: Vec::new(),
-            on_decongested: None,
+            on_decongested: Vec::new(),
             next_token: TOK_DYNAMIC,
             initialized: false,
             shut: false,
@@ -667,8 +667,9 @@ impl Hub {
 
     /// Called on the event-loop thread when output was congested (someone saw
     /// `HubWriter::congested() == true`) and no longer is: a UART raises THRE here.
+    /// Every hook added is called.
     pub fn on_decongested(&mut self, f: Box<dyn FnMut() + Send>) {
-        self.on_decongested = Some(f);
+        self.on_decongested.push(f);
     }
 
     /// The last bytes of the stream (the `ring` backend's content).
@@ -785,11 +786,10 @@ impl Hub {
             .max()
             .unwrap_or(0);
         self.shared.backlog.store(backlog, Ordering::Release);
-        if !self.shared.congested()
-            && self.shared.reported.swap(false, Ordering::AcqRel)
-            && let Some(cb) = self.on_decongested.as_mut()
-        {
-            cb();
+        if !self.shared.congested() && self.shared.reported.swap(false, Ordering::AcqRel) {
+            for cb in &mut self.on_decongested {
+                cb();
+            }
         }
     }
 

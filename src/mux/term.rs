@@ -4,9 +4,12 @@
 
 use std::cell::UnsafeCell;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Ctrl-A, the escape prefix (as in QEMU's mux).
 pub const ESCAPE_PREFIX: u8 = 0x01;
@@ -171,6 +174,84 @@ impl Drop for RawMode {
 /// True while a raw-mode session is active (log lines then need "\r\n").
 pub fn raw_active() -> bool {
     SAVED.state.load(Ordering::Acquire) == 2
+}
+
+/// The size (columns, rows) of the terminal on `fd`, if it is one.
+pub fn terminal_size(fd: RawFd) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the live local `ws`; `fd` is only queried.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// The eventfd SIGWINCH writes to (-1 until [`resize_events`] installed it).
+static WINCH_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_winch(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = WINCH_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live local.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// An eventfd that becomes readable whenever the terminal is resized (SIGWINCH). One per
+/// process: a second call fails.
+pub fn resize_events() -> io::Result<EventFd> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    let signal_side = evt.try_clone()?;
+    if WINCH_FD
+        .compare_exchange(
+            -1,
+            signal_side.as_raw_fd(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .is_err()
+    {
+        return Err(io::Error::other("SIGWINCH is already routed"));
+    }
+    // The handler writes to this fd for the rest of the process's life.
+    std::mem::forget(signal_side);
+    vmm_sys_util::signal::register_signal_handler(libc::SIGWINCH, on_winch)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    Ok(evt)
+}
+
+/// Calls `on_resize(columns, rows)` on the event loop when the terminal on `fd` changes size.
+pub struct ResizeWatcher {
+    evt: EventFd,
+    fd: RawFd,
+    on_resize: Box<dyn FnMut(u16, u16) + Send>,
+}
+
+impl ResizeWatcher {
+    /// Watches `fd`'s terminal, woken by `evt` (from [`resize_events`]).
+    pub fn new(evt: EventFd, fd: RawFd, on_resize: Box<dyn FnMut(u16, u16) + Send>) -> Self {
+        ResizeWatcher { evt, fd, on_resize }
+    }
+}
+
+impl MutEventSubscriber for ResizeWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() != self.evt.as_raw_fd() {
+            return;
+        }
+        let _ = self.evt.read();
+        if let Some((cols, rows)) = terminal_size(self.fd) {
+            (self.on_resize)(cols, rows);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.evt, EventSet::IN));
+    }
 }
 
 /// Print a log line to stderr, with "\r\n" when the terminal is raw.

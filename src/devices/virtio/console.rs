@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
 };
+use crate::devices::ConsoleSink;
 use crate::mux::FrontendInput;
 use crate::vstate::memory::GuestMemory;
 
@@ -112,7 +113,7 @@ fn queue_name(index: usize) -> &'static str {
 }
 
 /// The virtio console device, generic over its output sink and its interrupt.
-pub struct Console<W: Write + Send, I: InterruptSignal> {
+pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     out: W,
     interrupt: I,
     acked_features: u64,
@@ -128,7 +129,7 @@ pub struct Console<W: Write + Send, I: InterruptSignal> {
     tx_buf: Vec<u8>,
 }
 
-impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
     /// A console writing guest output to `out` and raising `interrupt`.
     pub fn new(out: W, interrupt: I) -> Self {
         Console {
@@ -238,7 +239,9 @@ impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
     }
 
     /// Moves every available transmit chain to the sink. Returns true when chains may be
-    /// left (the batch limit was reached): call again after other work.
+    /// left (the batch limit was reached): call again after other work. While the sink is
+    /// congested (a lossless consumer is behind) chains stay queued, which paces the guest;
+    /// the owner calls this again when the sink decongests.
     pub fn process_tx(&mut self) -> bool {
         let Some(mem) = self
             .mem
@@ -252,6 +255,9 @@ impl<W: Write + Send, I: InterruptSignal> Console<W, I> {
         for n in 0.. {
             if n == TX_BATCH {
                 more = true;
+                break;
+            }
+            if self.out.congested() {
                 break;
             }
             let chain = match self.pop(&mem, TX_QUEUE) {
@@ -445,7 +451,7 @@ fn scatter(
     Ok(done)
 }
 
-impl<W: Write + Send, I: InterruptSignal> VirtioDevice for Console<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> VirtioDevice for Console<W, I> {
     fn device_type(&self) -> u32 {
         TYPE_CONSOLE
     }
@@ -526,19 +532,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Event-loop glue: owns the transmit queue's ioeventfd and moves output when it fires.
-pub struct ConsoleTxHandler<W: Write + Send, I: InterruptSignal> {
+pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     tx_evt: EventFd,
 }
 
-impl<W: Write + Send, I: InterruptSignal> ConsoleTxHandler<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> ConsoleTxHandler<W, I> {
     /// A handler for `device`'s transmit queue, notified through `tx_evt`.
     pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> Self {
         ConsoleTxHandler { device, tx_evt }
     }
 }
 
-impl<W: Write + Send, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() != self.tx_evt.as_raw_fd() {
             return;
@@ -558,19 +564,19 @@ impl<W: Write + Send, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandle
 /// The console's input side, as the console hub's `FrontendInput` wants it: `accept`
 /// offers bytes; `drained_fd` (the receive queue's ioeventfd) becomes readable when the
 /// guest posts receive buffers, i.e. when there is room for more.
-pub struct ConsoleInput<W: Write + Send, I: InterruptSignal> {
+pub struct ConsoleInput<W: ConsoleSink, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     rx_evt: Arc<EventFd>,
 }
 
-impl<W: Write + Send, I: InterruptSignal> ConsoleInput<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> ConsoleInput<W, I> {
     /// Input for `device`, whose receive queue notifies `rx_evt`.
     pub fn new(device: Arc<Mutex<Console<W, I>>>, rx_evt: Arc<EventFd>) -> Self {
         ConsoleInput { device, rx_evt }
     }
 }
 
-impl<W: Write + Send, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
+impl<W: ConsoleSink, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
     /// Offers bytes; returns how many the guest's posted buffers took.
     fn accept(&mut self, data: &[u8]) -> usize {
         lock(&self.device).receive(data)
@@ -600,9 +606,9 @@ mod tests {
     use super::super::testutil::{Ring, WRITE, mem};
     use super::*;
 
-    /// Records each write() call as one chunk.
+    /// Records each write() call as one chunk; `.1` plays a congested consumer.
     #[derive(Default)]
-    struct Chunks(Vec<Vec<u8>>);
+    struct Chunks(Vec<Vec<u8>>, bool);
 
     impl Write for Chunks {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -611,6 +617,12 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    impl ConsoleSink for Chunks {
+        fn congested(&self) -> bool {
+            self.1
         }
     }
 
@@ -668,6 +680,21 @@ mod tests {
         s.tx.push(s.tx.chain(i, &[(DATA + 0xf000, 2, 0)]));
         s.con.process_tx();
         assert!(s.con.is_open());
+    }
+
+    #[test]
+    fn tx_waits_while_the_sink_is_congested() {
+        let mut s = setup();
+        put(&s.mem, DATA, b"paced");
+        s.tx.push(s.tx.chain(0, &[(DATA, 5, 0)]));
+        s.con.sink_mut().1 = true;
+        assert!(!s.con.process_tx());
+        assert!(s.con.sink().0.is_empty());
+        assert_eq!(s.tx.used_idx(), 0, "the chain stays with the device");
+        s.con.sink_mut().1 = false;
+        s.con.process_tx();
+        assert_eq!(s.con.sink().0, vec![b"paced".to_vec()]);
+        assert_eq!(s.tx.used_idx(), 1);
     }
 
     #[test]

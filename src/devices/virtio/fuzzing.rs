@@ -46,6 +46,8 @@ impl Write for CountingSink {
     }
 }
 
+impl crate::devices::ConsoleSink for CountingSink {}
+
 struct Input<'a>(&'a [u8]);
 
 impl Input<'_> {
