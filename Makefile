@@ -2,12 +2,16 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all guest build test run bench fmt clippy
+.PHONY: all deps guest build test run bench fmt clippy fuzz
 
 all: build
 
+# Debian packages the guest, the rig and the tests need (apt-get, only when missing).
+deps:
+	scripts/deps.sh
+
 # Reference guest (Debian cloud kernel + busybox initramfs) in $${MICROVM_CACHE:-~/.cache/microvm}/guest
-guest:
+guest: deps
 	scripts/guest.sh
 
 build:
@@ -31,3 +35,7 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --release --all-targets -- -D warnings
+
+# Every cargo-fuzz target for FUZZ_SECONDS each (default 60); crashes fail the run.
+fuzz:
+	scripts/fuzz.sh $${FUZZ_SECONDS:-60}
