@@ -75,8 +75,14 @@ pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses, vcpu_id: u8) -> ExitAction
             buses.mmio.write(addr, data);
             ExitAction::Continue
         }
-        // A triple fault: real hardware resets.
-        VcpuExit::Shutdown => ExitAction::Stop(ExitReason::Reset),
+        // A triple fault: real hardware resets. Linux may reboot this way on purpose
+        // (reboot=t), but it is also how an early crash looks: say so.
+        VcpuExit::Shutdown => {
+            crate::mux::term::log_line(&format!(
+                "vCPU {vcpu_id}: triple fault (KVM_EXIT_SHUTDOWN); treated as a guest reset"
+            ));
+            ExitAction::Stop(ExitReason::Reset)
+        }
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(ExitReason::PowerOff),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(ExitReason::Reset),

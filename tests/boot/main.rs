@@ -11,6 +11,7 @@
 //! Environment: `MICROVM_BIN` (default: the cargo-built binary), `MICROVM_KERNEL`,
 //! `MICROVM_INITRD` (default: `$MICROVM_CACHE/guest/…`), `MICROVM_RIG=direct|nested|inner`,
 //! `MICROVM_TEST_TIMEOUT` (seconds per wait; default 180 in the rig, 60 direct),
+//! `MICROVM_TEST_REPEAT` (run each case N times, for flake hunting),
 //! `MICROVM_TEST_BUDGET` (seconds for the whole suite, default 720; cases left when it is
 //! spent fail), `MICROVM_RIG_ARGS` (extra scripts/rig.sh options in nested mode).
 //! Output follows libtest's format; argv: first non-flag argument is a substring filter,
@@ -18,8 +19,9 @@
 
 use std::env;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -48,29 +50,57 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Spawns `microvm --kernel K --initrd I EXTRA...` with piped stdio.
-    fn spawn(&self, extra: &[&str]) -> Result<Vm, String> {
+    /// `microvm --kernel K --initrd I EXTRA...`, not started.
+    fn command(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--kernel")
             .arg(&self.kernel)
             .arg("--initrd")
             .arg(&self.initrd)
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(extra);
+        cmd
+    }
+
+    /// Spawns `microvm --kernel K --initrd I EXTRA...` with piped stdio.
+    fn spawn(&self, extra: &[&str]) -> Result<Vm, String> {
+        let mut cmd = self.command(extra);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        self.start(cmd, None)
+    }
+
+    /// Starts `cmd` with stderr piped. The console is read from `console` (input, output)
+    /// when given (e.g. a pty master), else from the child's piped stdin and stdout.
+    fn start(
+        &self,
+        mut cmd: Command,
+        console: Option<(Box<dyn Write + Send>, Box<dyn Read + Send>)>,
+    ) -> Result<Vm, String> {
+        cmd.stderr(Stdio::piped());
         let cmdline = format!("{cmd:?}");
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot spawn {}: {e}", self.bin.display()))?;
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
+        let (input, output): (Option<Box<dyn Write + Send>>, Box<dyn Read + Send>) = match console {
+            Some((i, o)) => (Some(i), o),
+            None => (
+                child
+                    .stdin
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Write + Send>),
+                Box::new(child.stdout.take().ok_or("stdout is not piped")?),
+            ),
+        };
         let readers = vec![
-            pump(child.stdout.take().unwrap(), out.clone()),
-            pump(child.stderr.take().unwrap(), err.clone()),
+            pump(output, out.clone()),
+            pump(
+                child.stderr.take().ok_or("stderr is not piped")?,
+                err.clone(),
+            ),
         ];
         Ok(Vm {
-            stdin: child.stdin.take(),
+            stdin: input,
             child,
             out,
             err,
@@ -85,7 +115,7 @@ impl Ctx {
 
 fn pump(mut src: impl Read + Send + 'static, dst: Arc<Mutex<Vec<u8>>>) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; 64 << 10];
         loop {
             match src.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -98,7 +128,8 @@ fn pump(mut src: impl Read + Send + 'static, dst: Arc<Mutex<Vec<u8>>>) -> thread
 /// A running microvm. Dropping it kills the process if it is still running.
 struct Vm {
     child: Child,
-    stdin: Option<ChildStdin>,
+    /// The console input (the child's stdin, or a pty master).
+    stdin: Option<Box<dyn Write + Send>>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
     readers: Vec<thread::JoinHandle<()>>,
@@ -110,6 +141,11 @@ struct Vm {
 }
 
 impl Vm {
+    /// The console output as received, byte-exact.
+    fn output(&self) -> Vec<u8> {
+        self.out.lock().unwrap().clone()
+    }
+
     fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.out.lock().unwrap()).replace('\r', "")
     }
@@ -218,6 +254,167 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A scratch directory for one case, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(case: &str) -> Result<Scratch, String> {
+        let dir = env::temp_dir().join(format!("mvtest-{}-{case}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `deadline` passes.
+fn wait_until(deadline: Instant, what: &str, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle, 0).is_some()
+}
+
+/// Position of `needle` in `hay` at or after `from`.
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
+/// The MD5 of `data` in hex, computed by the host's `md5sum` (coreutils or busybox).
+fn md5_hex(data: &[u8]) -> Result<String, String> {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run md5sum: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("md5sum stdin")?;
+    let data = data.to_vec();
+    let feeder = thread::spawn(move || stdin.write_all(&data));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("md5sum: {e}"))?;
+    let _ = feeder.join();
+    let hex: String = String::from_utf8_lossy(&out.stdout)
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    if hex.len() == 32 {
+        Ok(hex)
+    } else {
+        Err(format!(
+            "md5sum printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
+}
+
+/// A console socket client that reads everything into a buffer.
+struct Client {
+    name: String,
+    stream: UnixStream,
+    buf: Arc<Mutex<Vec<u8>>>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+/// Connects to the console socket at `path`, retrying until `deadline` (the VMM creates
+/// the socket while it starts).
+fn connect(path: &Path, deadline: Instant) -> Result<UnixStream, String> {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("cannot connect to {}: {e}", path.display()));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+impl Client {
+    fn connect(name: &str, path: &Path, deadline: Instant) -> Result<Client, String> {
+        let stream = connect(path, deadline)?;
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let reader = stream
+            .try_clone()
+            .map_err(|e| format!("{name}: clone socket: {e}"))?;
+        Ok(Client {
+            name: name.to_string(),
+            reader: Some(pump(reader, buf.clone())),
+            stream,
+            buf,
+        })
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.buf.lock().unwrap().clone()
+    }
+
+    fn send(&mut self, data: &[u8]) -> Result<(), String> {
+        self.stream
+            .write_all(data)
+            .map_err(|e| format!("{}: writing to the console socket: {e}", self.name))
+    }
+
+    fn wait_for(&self, needle: &str, deadline: Instant) -> Result<(), String> {
+        wait_until(
+            deadline,
+            &format!("{needle:?} on socket client {}", self.name),
+            || contains(&self.buf.lock().unwrap(), needle.as_bytes()),
+        )
+        .map_err(|e| {
+            format!(
+                "{e}; it received {} bytes, tail:\n{}",
+                self.buf.lock().unwrap().len(),
+                tail(&String::from_utf8_lossy(&self.bytes()), 10)
+            )
+        })
+    }
+
+    /// Waits for the server to close the connection; returns everything received.
+    fn finish(mut self, deadline: Instant) -> Result<Vec<u8>, String> {
+        let reader = self.reader.take();
+        wait_until(
+            deadline,
+            &format!("EOF on socket client {}", self.name),
+            || reader.as_ref().is_none_or(|r| r.is_finished()),
+        )?;
+        if let Some(r) = reader {
+            let _ = r.join();
+        }
+        Ok(self.bytes())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
     }
 }
 
@@ -419,9 +616,19 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         timeout: Duration::from_secs(timeout),
     };
     let start = Instant::now();
+    // MICROVM_TEST_REPEAT=N runs each case N times (flake hunting).
+    let repeat = env::var("MICROVM_TEST_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
+    let cases: Vec<_> = cases
+        .iter()
+        .flat_map(|c| std::iter::repeat_n(*c, repeat))
+        .collect();
     println!("\nrunning {} tests", cases.len());
     let (mut passed, mut failures) = (0, Vec::new());
-    for (name, f) in cases {
+    for (name, f) in &cases {
         print!("test {name} ... ");
         let _ = std::io::stdout().flush();
         let t = Instant::now();
@@ -480,6 +687,7 @@ fn run_nested(
     for var in [
         "MICROVM_TEST_TIMEOUT",
         "MICROVM_TEST_BUDGET",
+        "MICROVM_TEST_REPEAT",
         "RUST_BACKTRACE",
         "RUST_LOG",
     ] {
