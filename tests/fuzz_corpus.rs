@@ -34,6 +34,10 @@ fn corpus_replays_without_panics() {
     assert!(seed("tx_loop").faults > 0);
     assert!(!seed("bad_queue_size").active);
     assert!(seed("rx_fill").active);
+    assert!(seed("tx_write_only").faults > 0);
+    assert!(seed("tx_outside_memory").faults > 0);
+    assert!(!seed("no_version_1").active);
+    assert_eq!(seed("notify_before_driver_ok").output, 0);
 }
 
 proptest! {
