@@ -21,11 +21,22 @@ pub trait ConsoleSink: Write + Send {
     fn congested(&self) -> bool {
         false
     }
+
+    /// Like [`ConsoleSink::congested`], but counting only the consumers' backlog, not
+    /// output the hub has yet to pick up. For a frontend served on the hub's own thread
+    /// (the virtio console), whose queued output the hub always takes right after it.
+    fn backlogged(&self) -> bool {
+        self.congested()
+    }
 }
 
 impl ConsoleSink for HubWriter {
     fn congested(&self) -> bool {
         HubWriter::congested(self)
+    }
+
+    fn backlogged(&self) -> bool {
+        HubWriter::backlogged(self)
     }
 }
 

@@ -120,6 +120,18 @@ impl HubWriter {
     }
 }
 
+impl HubWriter {
+    /// True while a lossless backend is more than the high-water mark behind (output not
+    /// yet picked up by the hub does not count). Reports like [`HubWriter::congested`].
+    pub fn backlogged(&self) -> bool {
+        let c = self.shared.backlog.load(Ordering::Acquire) > self.shared.high_water;
+        if c {
+            self.shared.reported.store(true, Ordering::Release);
+        }
+        c
+    }
+}
+
 impl std::fmt::Debug for HubWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubWriter")

@@ -178,37 +178,64 @@ fn console_flood_stalled_client(ctx: &Ctx) -> Result<(), String> {
     })
     .map_err(|e| vm.fail(&e))?;
     drop(quitter);
-    vm.expect_exit(0)?;
+    if let Err(e) = vm.expect_exit(0) {
+        let file_len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        return Err(format!(
+            "{e}\nreceived so far: stdout {} bytes, file {file_len} bytes, reading client {} bytes",
+            vm.output().len(),
+            reader.bytes().len()
+        ));
+    }
     drop(stalled);
 
     let stdout = vm.output();
     let want = guest_md5(&stdout, b"FLOOD-MD5-").ok_or_else(|| vm.fail("no FLOOD-MD5 line"))?;
     let file = std::fs::read(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
     let reader = reader.finish(deadline)?;
-    for (name, got) in [
-        ("stdout", &stdout),
-        ("the file log", &file),
-        ("the reading client", &reader),
-    ] {
-        let begin = b"FLOOD-BEGIN-2\n";
-        let start = find(got, begin, 0)
-            .ok_or_else(|| format!("{name}: no FLOOD-BEGIN marker in {} bytes", got.len()))?
-            + begin.len();
-        let data = got.get(start..start + FLOOD).ok_or_else(|| {
-            format!(
-                "{name}: only {} of {FLOOD} flood bytes arrived",
-                got.len() - start
-            )
-        })?;
-        if !got[start + FLOOD..].starts_with(b"FLOOD-END-2") {
-            return Err(format!(
-                "{name}: the flood is not followed by FLOOD-END (bytes added or lost)"
-            ));
+    let check = || -> Result<(), String> {
+        for (name, got) in [
+            ("stdout", &stdout),
+            ("the file log", &file),
+            ("the reading client", &reader),
+        ] {
+            let begin = b"FLOOD-BEGIN-2\n";
+            let start = find(got, begin, 0)
+                .ok_or_else(|| format!("{name}: no FLOOD-BEGIN marker in {} bytes", got.len()))?
+                + begin.len();
+            let data = got.get(start..start + FLOOD).ok_or_else(|| {
+                format!(
+                    "{name}: only {} of {FLOOD} flood bytes arrived",
+                    got.len() - start
+                )
+            })?;
+            if !got[start + FLOOD..].starts_with(b"FLOOD-END-2") {
+                return Err(format!(
+                    "{name}: the flood is not followed by FLOOD-END (bytes added or lost)"
+                ));
+            }
+            let md5 = md5_hex(data)?;
+            if md5 != want {
+                return Err(format!("{name}: MD5 {md5} differs from the guest's {want}"));
+            }
         }
-        let md5 = md5_hex(data)?;
-        if md5 != want {
-            return Err(format!("{name}: MD5 {md5} differs from the guest's {want}"));
-        }
+        Ok(())
+    };
+    if let Err(e) = check() {
+        let longest = [&stdout, &file, &reader]
+            .into_iter()
+            .max_by_key(|b| b.len())
+            .cloned()
+            .unwrap_or_default();
+        let tail = &longest[longest.len().saturating_sub(300)..];
+        return Err(format!(
+            "{e}\n  stdout {} bytes, file {} bytes, reading client {} bytes\n  \
+             stream tail (escaped): {}\n  stderr:\n{}",
+            stdout.len(),
+            file.len(),
+            reader.len(),
+            tail.escape_ascii(),
+            vm.stderr()
+        ));
     }
     let stderr = vm.stderr();
     if !stderr.contains("cut off") {

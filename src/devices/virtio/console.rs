@@ -257,7 +257,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
                 more = true;
                 break;
             }
-            if self.out.congested() {
+            if self.out.backlogged() {
                 break;
             }
             let chain = match self.pop(&mem, TX_QUEUE) {
@@ -622,6 +622,9 @@ mod tests {
 
     impl ConsoleSink for Chunks {
         fn congested(&self) -> bool {
+            self.1
+        }
+        fn backlogged(&self) -> bool {
             self.1
         }
     }
