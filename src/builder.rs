@@ -335,10 +335,8 @@ fn create_virtio_console(
         VIRTIO_MMIO_SIZE,
         Arc::new(Mutex::new(transport)),
     )?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
-        console.clone(),
-        tx_evt,
-    ))));
+    let tx_handler = ConsoleTxHandler::new(console.clone(), tx_evt).map_err(host_err("timerfd"))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(tx_handler)));
     hub.add_frontend("hvc0", Box::new(ConsoleInput::new(console, rx_evt)))?;
     Ok(())
 }
@@ -396,7 +394,19 @@ fn start_vcpus(
             buses.clone(),
             exit.clone(),
             stop.clone(),
+            config.vcpu_affinity.clone(),
         )?);
+    }
+    // The calling thread runs the event loop: keep it off the vCPUs' CPUs when others
+    // are left, so that a vCPU spinning in the guest never delays the device work it
+    // waits for.
+    let others: Vec<usize> = (0..crate::config::host_cpus())
+        .filter(|c| !config.vcpu_affinity.is_empty() && !config.vcpu_affinity.contains(c))
+        .collect();
+    if let Err(e) = vcpu::pin_current_thread(&others) {
+        crate::mux::term::log_line(&format!(
+            "cannot pin the event loop to host CPUs {others:?}: {e}; running unpinned"
+        ));
     }
     Ok(handles)
 }

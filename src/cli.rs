@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// No virtio console: the 16550 UART (ttyS0) is the guest's only console.
     #[arg(long)]
     pub no_virtio_console: bool,
+    /// Pin the vCPU threads to these host CPUs (e.g. 2-3); the VMM's other threads (the
+    /// event loop) then run on the remaining CPUs.
+    #[arg(long, value_name = "CPUS")]
+    pub vcpu_affinity: Option<String>,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -131,6 +135,10 @@ impl RunArgs {
                 .map(|s| config::parse_console("serial", s))
                 .transpose()?,
             virtio_console: !self.no_virtio_console && self.real_mode_image.is_none(),
+            vcpu_affinity: match &self.vcpu_affinity {
+                Some(list) => config::parse_cpu_list(list, config::host_cpus())?,
+                None => Vec::new(),
+            },
         })
     }
 }

@@ -65,6 +65,18 @@ pub enum ConfigError {
         /// What is wrong with it.
         source: SpecError,
     },
+    /// A host CPU list does not parse or names CPUs this host does not have.
+    #[error(
+        "--vcpu-affinity {given}: {why}; give host CPU numbers and ranges below {ncpus}, e.g. 1 or 2-3,6"
+    )]
+    BadCpuList {
+        /// What the user gave.
+        given: String,
+        /// What is wrong with it.
+        why: String,
+        /// Host CPUs (numbered 0..ncpus).
+        ncpus: usize,
+    },
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -111,6 +123,46 @@ pub struct VmConfig {
     pub serial: Option<ConsoleSpec>,
     /// Whether the guest gets a virtio console (hvc0) beside the UART.
     pub virtio_console: bool,
+    /// Host CPUs the vCPU threads run on (`--vcpu-affinity`); the VMM's other threads
+    /// then run on the remaining CPUs. Empty: no pinning.
+    pub vcpu_affinity: Vec<usize>,
+}
+
+/// Parses a host CPU list such as `1`, `2-3,6` (sorted, without duplicates).
+pub fn parse_cpu_list(s: &str, ncpus: usize) -> Result<Vec<usize>, ConfigError> {
+    let bad = |why: String| ConfigError::BadCpuList {
+        given: s.to_string(),
+        why,
+        ncpus,
+    };
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("'{part}' is not a CPU number or range")))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo > hi {
+            return Err(bad(format!("range '{part}' is backwards")));
+        }
+        if hi >= ncpus {
+            return Err(bad(format!("CPU {hi} does not exist")));
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Host CPUs online (for `--vcpu-affinity` checks).
+pub fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Parses a console spec given to `--{option}`.
@@ -187,6 +239,21 @@ pub fn build_cmdline(replace: Option<&str>, append: Option<&str>, virtio_console
     }
     parts.retain(|p| !p.is_empty());
     parts.join(" ")
+}
+
+#[cfg(test)]
+mod cpu_list_tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("1", 4).unwrap(), vec![1]);
+        assert_eq!(parse_cpu_list("3,0-1,1", 4).unwrap(), vec![0, 1, 3]);
+        for bad in ["", "x", "2-1", "4", "0-9", "1,,2", "-1"] {
+            let e = parse_cpu_list(bad, 4).unwrap_err().to_string();
+            assert!(e.starts_with("--vcpu-affinity "), "{bad}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! vmmtime: boot-timing helper for scripts/bench.sh, run inside the rig's L1 (busybox has
 //! no sub-second clock). Built with plain `rustc -O` (std only).
 //!
-//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] -- CMD ARGS...
+//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... -- CMD ARGS...
 //!
 //! Spawns CMD (stdin /dev/null, stdout piped, stderr to the log), and prints one line:
 //!   vmmtime: init_ms=T1 exit_ms=T2 status=S rss_kib=R guest_kib=G rss_excl_guest_kib=E
@@ -10,6 +10,9 @@
 //! Rss, G the Rss of the guest-memory mappings (anonymous mappings whose Size is at least
 //! the guest memory size; QEMU and microvm both map guest RAM as one such region), and
 //! E = R - G: the VMM's own resident memory.
+//! Each `--at STR` adds `atK_ms=T atK_rss_excl_guest_kib=E` (K = 1, 2, ...): the time and
+//! the VMM's own RSS when the first line containing STR appears (e.g. markers the guest
+//! prints around a console flood).
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -42,6 +45,7 @@ fn smaps_rss(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut mark, mut mem_mib, mut log, mut cmd) = (String::new(), 0u64, None, Vec::new());
+    let mut ats: Vec<(String, Option<f64>, Option<u64>)> = Vec::new();
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -51,6 +55,10 @@ fn main() {
             }
             "--guest-mem-mib" => {
                 mem_mib = args[i + 1].parse().expect("mib");
+                i += 2;
+            }
+            "--at" => {
+                ats.push((args[i + 1].clone(), None, None));
                 i += 2;
             }
             "--log" => {
@@ -85,9 +93,16 @@ fn main() {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = Vec::new();
     while out.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-        if init_ms.is_none() && String::from_utf8_lossy(&line).contains(&mark) {
+        let text = String::from_utf8_lossy(&line);
+        if init_ms.is_none() && text.contains(&mark) {
             init_ms = Some(start.elapsed().as_secs_f64() * 1e3);
             rss = smaps_rss(pid, mem_mib * 1024);
+        }
+        for (s, t, r) in ats.iter_mut() {
+            if t.is_none() && text.contains(s.as_str()) {
+                *t = Some(start.elapsed().as_secs_f64() * 1e3);
+                *r = smaps_rss(pid, mem_mib * 1024).map(|(r, g)| r - g);
+            }
         }
         if let Some(f) = logf.as_mut() {
             let _ = f.write_all(&line);
@@ -103,8 +118,13 @@ fn main() {
     let e = rss
         .map(|(r, g)| (r - g).to_string())
         .unwrap_or_else(|| "-".into());
+    let mut at_fields = String::new();
+    for (k, (_, t, r)) in ats.iter().enumerate() {
+        let r = r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
+        at_fields += &format!(" at{}_ms={} at{}_rss_excl_guest_kib={r}", k + 1, fmt(*t), k + 1);
+    }
     println!(
-        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}",
+        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}{at_fields}",
         fmt(init_ms),
         status.code().unwrap_or(-1)
     );

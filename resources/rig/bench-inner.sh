@@ -1,23 +1,109 @@
 #!/bin/sh
-# Runs inside the rig's L1 (see scripts/bench.sh): boots QEMU -M microvm and microvm
-# alternately, BENCH_N times each, with the same kernel, initrd and command line, and
-# prints one "BENCH <vmm> <i> <vmmtime fields>" line per boot.
+# Runs inside the rig's L1 (see scripts/bench.sh), or directly on a host with hardware KVM.
+# Sections (BENCH_ONLY=boot|hvc|uart|rss, default all), each alternating QEMU -M microvm
+# and microvm with the same kernel, initrd and command line, printing one line per run:
+#   BENCH <case> <i> <vmmtime fields>
+# vmmtime (tools/vmmtime.rs) times the VMM's stdout: process start -> "init reached"
+# (init_ms) -> the guest's flood begin/end markers (at1_ms, at2_ms) -> exit (exit_ms).
 mark="microvm-guest: init reached"
 VMMTIME=${VMMTIME:-/rig/vmmtime}
 mem=${BENCH_MEM_MIB:-256}
+only=${BENCH_ONLY:-all}
+want() { [ "$only" = all ] || [ "$only" = "$1" ]; }
+tmp=${TMPDIR:-/tmp}
+
+# QEMU -M microvm with the devices microvm has: the UART and a virtio console, both on
+# stdout (a mux chardev lets two frontends share stdio). Wrapper scripts, not shell
+# functions: vmmtime executes them.
+cat >"$tmp/qemu-vc" <<EOF
+#!/bin/sh
+exec qemu-system-x86_64 -M microvm -accel kvm -cpu host -m "$mem" -smp 1 \\
+    -nodefaults -no-user-config -display none -no-reboot \\
+    -chardev stdio,mux=on,id=c0 -serial chardev:c0 \\
+    -device virtio-serial-device -device virtconsole,chardev=c0 \\
+    -kernel "$MICROVM_KERNEL" -initrd "$MICROVM_INITRD" "\$@"
+EOF
+cat >"$tmp/qemu-uart" <<EOF
+#!/bin/sh
+exec qemu-system-x86_64 -M microvm -accel kvm -cpu host -m "$mem" -smp 1 \\
+    -nodefaults -no-user-config -display none -no-reboot -serial stdio \\
+    -kernel "$MICROVM_KERNEL" -initrd "$MICROVM_INITRD" "\$@"
+EOF
+cat >"$tmp/microvm" <<EOF
+#!/bin/sh
+exec "$MICROVM_BIN" --kernel "$MICROVM_KERNEL" --initrd "$MICROVM_INITRD" \\
+    --memory "${mem}M" --vcpus 1 "\$@"
+EOF
+chmod +x "$tmp/qemu-vc" "$tmp/qemu-uart" "$tmp/microvm"
+qemu="$tmp/qemu-vc" microvm="$tmp/microvm"
+# A socket client that reads and discards everything (our own `microvm attach`).
+reader() {
+    (n=0; while [ ! -S "$1" ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n + 1)); done
+     "$MICROVM_BIN" attach "$1" </dev/null >/dev/null 2>&1) &
+}
+run() { # case i log -- cmd...
+    c=$1 i=$2 log=$3; shift 4
+    r=$("$VMMTIME" --mark "$mark" --guest-mem-mib "$mem" --log "$log" \
+        --at FLOOD-BEGIN-2 --at FLOOD-END-2 -- "$@")
+    echo "BENCH $c $i ${r#vmmtime: }"
+    case "$r" in *status=0*) ;; *) echo "$c run $i failed; its log tail:"; tail -n 15 "$log";; esac
+}
+
 i=1
-while [ "$i" -le "${BENCH_N:-5}" ]; do
-    r=$("$VMMTIME" --mark "$mark" --guest-mem-mib "$mem" --log "/tmp/qemu-$i.log" -- \
-        qemu-system-x86_64 -M microvm -accel kvm -cpu host -m "$mem" -smp 1 \
-        -nodefaults -no-user-config -display none -no-reboot -serial stdio \
-        -kernel "$MICROVM_KERNEL" -initrd "$MICROVM_INITRD" -append "$BENCH_CMDLINE")
-    echo "BENCH qemu $i ${r#vmmtime: }"
-    if [ "${BENCH_SKIP_MICROVM:-0}" != 1 ]; then
-        r=$("$VMMTIME" --mark "$mark" --guest-mem-mib "$mem" --log "/tmp/microvm-$i.log" -- \
-            "$MICROVM_BIN" --kernel "$MICROVM_KERNEL" --initrd "$MICROVM_INITRD" \
-            --memory "${mem}M" --vcpus 1 --cmdline-replace "$BENCH_CMDLINE")
-        echo "BENCH microvm $i ${r#vmmtime: }"
-        case "$r" in *init_ms=-*) echo "microvm run $i did not reach init; its log tail:"; tail -n 15 "/tmp/microvm-$i.log";; esac
-    fi
+while want boot && [ "$i" -le "${BENCH_N:-5}" ]; do
+    run qemu "$i" "$tmp/qemu-$i.log" -- "$qemu" -append "$BENCH_CMDLINE mvcmd=\"poweroff -f\""
+    run microvm "$i" "$tmp/microvm-$i.log" -- \
+        "$microvm" --cmdline-replace "$BENCH_CMDLINE mvcmd=\"poweroff -f\""
     i=$((i + 1))
 done
+
+# The guest makes SIZE bytes of random data in tmpfs first (not timed), puts DEV in raw
+# mode (no newline translation), then prints the begin marker, the data, the end marker.
+flood_cmd() { # size dev
+    echo "mvcmd=\"head -c $1 /dev/urandom > /tmp/f; stty -F $2 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); cat /tmp/f > $2; echo; echo FLOOD-END-\$((1+1))\""
+}
+
+hvc_size=${BENCH_HVC_BYTES:-16777216}
+i=1
+while want hvc && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
+    cmd=$(flood_cmd "$hvc_size" /dev/hvc0)
+    run hvc-qemu "$i" "$tmp/hq-$i.log" -- "$qemu" -append "$BENCH_CMDLINE $cmd"
+    run hvc-microvm "$i" "$tmp/hm-$i.log" -- "$microvm" --cmdline-replace "$BENCH_CMDLINE $cmd"
+    rm -f "$tmp/b.sock" "$tmp/fan.log"
+    reader "$tmp/b.sock"
+    run hvc-microvm-fanout "$i" "$tmp/hf-$i.log" -- "$microvm" --cmdline-replace "$BENCH_CMDLINE $cmd" \
+        --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
+    wait
+    i=$((i + 1))
+done
+
+# The UART alone (console=ttyS0): QEMU with -serial only, microvm --no-virtio-console.
+uart_size=${BENCH_UART_BYTES:-262144}
+uart_cmdline=$(echo "$BENCH_CMDLINE" | sed 's/console=hvc0/console=ttyS0/')
+i=1
+while want uart && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
+    cmd=$(flood_cmd "$uart_size" /dev/ttyS0)
+    run uart-qemu "$i" "$tmp/uq-$i.log" -- "$tmp/qemu-uart" -append "$uart_cmdline $cmd"
+    run uart-microvm "$i" "$tmp/um-$i.log" -- \
+        "$microvm" --no-virtio-console --cmdline-replace "$uart_cmdline $cmd"
+    rm -f "$tmp/b.sock" "$tmp/fan.log"
+    reader "$tmp/b.sock"
+    run uart-microvm-fanout "$i" "$tmp/uf-$i.log" -- \
+        "$microvm" --no-virtio-console --cmdline-replace "$uart_cmdline $cmd" \
+        --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
+    wait
+    i=$((i + 1))
+done
+
+# Memory after a long flood: microvm's own RSS (guest RAM excluded) at the begin marker
+# and after 100 MiB more of console output through hvc0 to sock+stdio+ring+file.
+if want rss; then
+    rss_size=${BENCH_RSS_BYTES:-104857600}
+    rm -f "$tmp/b.sock" "$tmp/fan.log"
+    reader "$tmp/b.sock"
+    run rss-microvm 1 "$tmp/rss.log" -- "$microvm" --cmdline-replace \
+        "$BENCH_CMDLINE mvcmd=\"stty -F /dev/hvc0 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); head -c $rss_size /dev/zero > /dev/hvc0; echo; echo FLOOD-END-\$((1+1))\"" \
+        --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
+    wait
+    rm -f "$tmp/fan.log"
+fi

@@ -136,19 +136,46 @@ impl StopFlag {
     }
 }
 
-/// Starts vCPU `id` on its own thread.
+/// Pins the calling thread to `cpus` (no-op when empty).
+pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET writes one bit inside `set`; `c` was checked against the host's
+        // CPU count, far below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; `set` is a live, initialized cpu_set_t.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
     buses: Buses,
     exit: ExitNotifier,
     stop: StopFlag,
+    cpus: Vec<usize>,
 ) -> Result<VcpuHandle, VcpuError> {
     let done = Arc::new(AtomicBool::new(false));
     let done_thread = done.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            if let Err(e) = pin_current_thread(&cpus) {
+                crate::mux::term::log_line(&format!(
+                    "vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned"
+                ));
+            }
             while !stop.is_set() {
                 let action = match vcpu.run() {
                     Ok(exit) => handle_exit(exit, &buses, id),

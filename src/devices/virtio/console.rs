@@ -23,11 +23,13 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
@@ -127,6 +129,8 @@ pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     log: FaultLog,
     input_ready: Option<Arc<EventFd>>,
     tx_buf: Vec<u8>,
+    /// The last `process_tx` left chains queued because the sink was backlogged.
+    paused: bool,
 }
 
 impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
@@ -146,6 +150,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
             log: FaultLog::new("microvm: virtio-console:"),
             input_ready: None,
             tx_buf: Vec::new(),
+            paused: false,
         }
     }
 
@@ -153,6 +158,11 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
     /// what it holds (normally the receive queue's ioeventfd, the input's "drained" fd).
     pub fn set_input_ready_event(&mut self, evt: Arc<EventFd>) {
         self.input_ready = Some(evt);
+    }
+
+    /// True when the last [`Console::process_tx`] left chains queued for a backlogged sink.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// True once the driver set DRIVER_OK with valid queues (and no reset since).
@@ -243,6 +253,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
     /// congested (a lossless consumer is behind) chains stay queued, which paces the guest;
     /// the owner calls this again when the sink decongests.
     pub fn process_tx(&mut self) -> bool {
+        self.paused = false;
         let Some(mem) = self
             .mem
             .clone()
@@ -258,6 +269,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
                 break;
             }
             if self.out.backlogged() {
+                self.paused = true;
                 break;
             }
             let chain = match self.pop(&mem, TX_QUEUE) {
@@ -535,29 +547,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     tx_evt: EventFd,
+    recheck: TimerFd,
 }
+
+/// How soon a paused transmit queue is looked at again even without a decongestion call.
+const PAUSE_RECHECK: Duration = Duration::from_millis(20);
 
 impl<W: ConsoleSink, I: InterruptSignal> ConsoleTxHandler<W, I> {
     /// A handler for `device`'s transmit queue, notified through `tx_evt`.
-    pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> Self {
-        ConsoleTxHandler { device, tx_evt }
+    pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> std::io::Result<Self> {
+        let recheck = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(ConsoleTxHandler {
+            device,
+            tx_evt,
+            recheck,
+        })
     }
 }
 
 impl<W: ConsoleSink, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != self.tx_evt.as_raw_fd() {
+        if events.fd() == self.tx_evt.as_raw_fd() {
+            let _ = self.tx_evt.read();
+        } else if events.fd() == self.recheck.as_raw_fd() {
+            let _ = self.recheck.wait();
+        } else {
             return;
         }
-        let _ = self.tx_evt.read();
-        if lock(&self.device).process_tx() {
+        let mut dev = lock(&self.device);
+        if dev.process_tx() {
             // Chains left after a full batch: come back after the other event sources.
             let _ = self.tx_evt.write(1);
+        } else if dev.is_paused() {
+            // The hub's decongestion hook resumes us; this timer is the safety net, so a
+            // missed wake-up costs the guest milliseconds, never a hang.
+            let _ = self.recheck.reset(PAUSE_RECHECK, None);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(&self.tx_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.recheck, EventSet::IN));
     }
 }
 
@@ -952,10 +982,9 @@ mod tests {
         assert_eq!(input.accept(b"hi"), 2);
 
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(ConsoleTxHandler::new(
-            dev.clone(),
-            tx_evt.try_clone().unwrap(),
-        ))));
+        em.add_subscriber(Arc::new(Mutex::new(
+            ConsoleTxHandler::new(dev.clone(), tx_evt.try_clone().unwrap()).unwrap(),
+        )));
         put(&mem, DATA + 0x100, b"out");
         tx.push(tx.chain(1, &[(DATA + 0x100, 3, 0)]));
         tx_evt.write(1).unwrap();
