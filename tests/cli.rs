@@ -93,6 +93,17 @@ fn bad_vcpus() {
 }
 
 #[test]
+fn bad_vcpu_affinity() {
+    for bad in ["x", "3-1", "100000", ""] {
+        assert_error(
+            &microvm(&["--kernel", "k", "--vcpu-affinity", bad]),
+            2,
+            "--vcpu-affinity",
+        );
+    }
+}
+
+#[test]
 fn bad_memory() {
     assert_error(
         &microvm(&["--kernel", "k", "--memory", "0"]),
