@@ -30,18 +30,25 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ("console_serial_own_hub", console_serial_own_hub),
 ];
 
+/// A scratch directory and the spec of a hub with every backend kind:
+/// `mux:sock=DIR/console.sock,stdio,ring,file=DIR/console.log`.
+fn full_mux(case: &str) -> Result<(Scratch, String), String> {
+    let dir = Scratch::new(case)?;
+    let spec = format!(
+        "mux:sock={},stdio,ring,file={}",
+        dir.path("console.sock").display(),
+        dir.path("console.log").display()
+    );
+    Ok((dir, spec))
+}
+
 /// `--console mux:sock,stdio,ring,file`: a marker typed through a socket client runs in
 /// the guest shell (on hvc0) and reaches stdout, the file, every client and `microvm
 /// attach`; a late joiner gets the boot log replayed; input from stdin reaches the guest
 /// too; at the end every backend holds the very same byte stream.
 fn console_mux_same_stream_everywhere(ctx: &Ctx) -> Result<(), String> {
-    let dir = Scratch::new("mux")?;
+    let (dir, spec) = full_mux("mux")?;
     let (sock, log) = (dir.path("console.sock"), dir.path("console.log"));
-    let spec = format!(
-        "mux:sock={},stdio,ring,file={}",
-        sock.display(),
-        log.display()
-    );
     let mut vm = ctx.spawn(&["--console", &spec])?;
     let deadline = vm.deadline;
     let mut early = Client::connect("early", &sock, deadline).map_err(|e| vm.fail(&e))?;
@@ -151,13 +158,8 @@ const FLOOD: usize = 16 << 20;
 /// is cut off (and the log says so), and stdout, the file log and a reading client each
 /// receive every byte (MD5 equal to the guest's).
 fn console_flood_stalled_client(ctx: &Ctx) -> Result<(), String> {
-    let dir = Scratch::new("flood")?;
+    let (dir, spec) = full_mux("flood")?;
     let (sock, log) = (dir.path("console.sock"), dir.path("console.log"));
-    let spec = format!(
-        "mux:sock={},stdio,ring,file={}",
-        sock.display(),
-        log.display()
-    );
     // printk quiet: a kernel message on hvc0 in the middle of the data would be part of
     // the stream (correctly), but would break the MD5 comparison.
     let cmd = format!(
