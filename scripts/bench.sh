@@ -9,7 +9,9 @@
 #         and microvm with sock+stdio+ring+file and a socket reader (fan-out cost)
 #   uart  the same through ttyS0 alone (BENCH_UART_BYTES, 256 KiB)
 #   rss   microvm's own RSS before/after BENCH_RSS_BYTES (100 MiB) through hvc0
-# BENCH_ONLY=boot|hvc|uart|rss runs one section. Times come from tools/vmmtime.rs on the
+# BENCH_PIN=1 pins both VMMs' vCPU threads away from their other threads (needed in the
+# nested rig for floods, see docs/BENCHMARKS.md). BENCH_ONLY=boot|hvc|uart|rss runs one section; BENCH_MICROVM_ARGS adds microvm options
+# (e.g. --vcpu-affinity 1, see docs/BENCHMARKS.md). Times come from tools/vmmtime.rs on the
 # VMM's stdout. RSS excl. guest: /proc/PID/smaps Rss of all mappings minus the anonymous
 # mapping(s) at least as large as guest memory (the guest RAM).
 # Prints a markdown snippet on stdout.
@@ -36,7 +38,8 @@ fi
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 knobs=(BENCH_N="$N" BENCH_MEM_MIB="$MEM" BENCH_CMDLINE="$CMDLINE" BENCH_ONLY="${BENCH_ONLY:-all}"
        BENCH_TPUT_N="${BENCH_TPUT_N:-3}" BENCH_HVC_BYTES="${BENCH_HVC_BYTES:-16777216}"
-       BENCH_UART_BYTES="${BENCH_UART_BYTES:-262144}" BENCH_RSS_BYTES="${BENCH_RSS_BYTES:-104857600}")
+       BENCH_UART_BYTES="${BENCH_UART_BYTES:-262144}" BENCH_RSS_BYTES="${BENCH_RSS_BYTES:-104857600}"
+       BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}" BENCH_PIN="${BENCH_PIN:-0}")
 envs=()
 for k in "${knobs[@]}"; do envs+=(--env "$k"); done
 if [ "$(kvm_mode)" = direct ]; then
@@ -74,6 +77,8 @@ echo
 echo "Guest: Debian $(cat "$GUEST_DIR/kernel-version"), busybox initramfs, 1 vCPU, ${MEM} MiB;"
 echo "both VMMs get the command line \`$CMDLINE\` (+ mvcmd). QEMU $qver \`-M microvm\`"
 echo "with \`-device virtio-serial-device -device virtconsole\` and the UART on one stdio mux."
+[ -n "${BENCH_MICROVM_ARGS:-}" ] && echo "microvm also gets \`$BENCH_MICROVM_ARGS\`."
+[ "${BENCH_PIN:-0}" = 1 ] && echo "BENCH_PIN=1: each VMM's vCPU thread on the last CPU, its other threads on the rest."
 if [ "$(runs qemu)" -gt 0 ]; then
     qi=$(med qemu init_ms); qe=$(med qemu exit_ms); qr=$(med qemu rss_excl_guest_kib)
     mi=$(med microvm init_ms); me=$(med microvm exit_ms); mr=$(med microvm rss_excl_guest_kib)

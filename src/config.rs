@@ -160,9 +160,15 @@ pub fn parse_cpu_list(s: &str, ncpus: usize) -> Result<Vec<usize>, ConfigError> 
     Ok(cpus)
 }
 
-/// Host CPUs online (for `--vcpu-affinity` checks).
+/// Host CPUs, numbered 0..n (for `--vcpu-affinity`): all configured CPUs, not only those
+/// this process may use now (a cpuset narrower than the list is the kernel's to refuse).
 pub fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// Parses a console spec given to `--{option}`.

@@ -32,10 +32,41 @@ EOF
 cat >"$tmp/microvm" <<EOF
 #!/bin/sh
 exec "$MICROVM_BIN" --kernel "$MICROVM_KERNEL" --initrd "$MICROVM_INITRD" \\
-    --memory "${mem}M" --vcpus 1 "\$@"
+    --memory "${mem}M" --vcpus 1 \${BENCH_MICROVM_ARGS:-} "\$@"
 EOF
 chmod +x "$tmp/qemu-vc" "$tmp/qemu-uart" "$tmp/microvm"
 qemu="$tmp/qemu-vc" microvm="$tmp/microvm"
+export BENCH_MICROVM_ARGS
+
+# BENCH_PIN=1: both VMMs run their vCPU thread on the last CPU and every other thread on
+# the others (microvm: --vcpu-affinity; QEMU: taskset on its threads once they exist).
+# In the nested rig this sidesteps TCG's SVM emulation keeping an L1 CPU stuck in an L2
+# that spins with interrupts off (see docs/BENCHMARKS.md); on real hardware leave it off.
+if [ "${BENCH_PIN:-0}" = 1 ]; then
+    last=$(($(nproc) - 1))
+    [ "$last" -ge 1 ] || { echo "BENCH_PIN=1 needs 2 CPUs"; exit 1; }
+    vmask=$(printf '%x' $((1 << last))) omask=$(printf '%x' $(((1 << last) - 1)))
+    BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-} --vcpu-affinity $last"
+    for w in qemu-vc qemu-uart; do
+        mv "$tmp/$w" "$tmp/$w.real"
+        cat >"$tmp/$w" <<EOF
+#!/bin/sh
+# Pins the QEMU started below (exec keeps this pid, which vmmtime watches).
+(i=0; while [ \$i -lt 200 ]; do
+    for t in /proc/\$\$/task/*; do
+        case "\$(cat \$t/comm 2>/dev/null)" in
+            "CPU 0/KVM") taskset -p $vmask \${t##*/} >/dev/null && done=1 ;;
+            *) taskset -p $omask \${t##*/} >/dev/null ;;
+        esac
+    done
+    [ -n "\${done:-}" ] && break
+    sleep 0.05; i=\$((i + 1))
+done) &
+exec "$tmp/$w.real" "\$@"
+EOF
+        chmod +x "$tmp/$w"
+    done
+fi
 # A socket client that reads and discards everything (our own `microvm attach`).
 reader() {
     (n=0; while [ ! -S "$1" ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n + 1)); done
