@@ -5,7 +5,7 @@
 # --cmdline-replace so both see exactly the same string); QEMU gets the same devices (UART
 # + virtio-serial-device/virtconsole). Sections (resources/rig/bench-inner.sh):
 #   boot  BENCH_N (5) boots each: start -> "init reached", -> exit, RSS excl. guest RAM
-#   hvc   BENCH_TPUT_N (3) runs each: BENCH_HVC_BYTES (16 MiB) through hvc0 to stdout,
+#   hvc   BENCH_TPUT_N (3) runs each: BENCH_HVC_BYTES (4 MiB) through hvc0 to stdout,
 #         and microvm with sock+stdio+ring+file and a socket reader (fan-out cost)
 #   uart  the same through ttyS0 alone (BENCH_UART_BYTES, 256 KiB)
 #   rss   microvm's own RSS before/after BENCH_RSS_BYTES (100 MiB) through hvc0
@@ -37,9 +37,10 @@ fi
 
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 knobs=(BENCH_N="$N" BENCH_MEM_MIB="$MEM" BENCH_CMDLINE="$CMDLINE" BENCH_ONLY="${BENCH_ONLY:-all}"
-       BENCH_TPUT_N="${BENCH_TPUT_N:-3}" BENCH_HVC_BYTES="${BENCH_HVC_BYTES:-16777216}"
+       BENCH_TPUT_N="${BENCH_TPUT_N:-3}" BENCH_HVC_BYTES="${BENCH_HVC_BYTES:-4194304}"
        BENCH_UART_BYTES="${BENCH_UART_BYTES:-262144}" BENCH_RSS_BYTES="${BENCH_RSS_BYTES:-104857600}"
-       BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}" BENCH_PIN="${BENCH_PIN:-0}")
+       BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}" BENCH_PIN="${BENCH_PIN:-0}"
+       BENCH_RUN_TIMEOUT="${BENCH_RUN_TIMEOUT:-240}")
 envs=()
 for k in "${knobs[@]}"; do envs+=(--env "$k"); done
 if [ "$(kvm_mode)" = direct ]; then
@@ -111,7 +112,7 @@ ${BENCH_TPUT_N:-3} runs each, alternating:
 | case | MiB/s | ratio to QEMU | runs exit 0 |
 |---|---|---|---|
 MD
-    [ "$(runs hvc-qemu)" -gt 0 ] && tput_rows hvc "${BENCH_HVC_BYTES:-16777216}" "hvc0 $(( ${BENCH_HVC_BYTES:-16777216} >> 20 )) MiB"
+    [ "$(runs hvc-qemu)" -gt 0 ] && tput_rows hvc "${BENCH_HVC_BYTES:-4194304}" "hvc0 $(( ${BENCH_HVC_BYTES:-4194304} >> 20 )) MiB"
     [ "$(runs uart-qemu)" -gt 0 ] && tput_rows uart "${BENCH_UART_BYTES:-262144}" "ttyS0 $(( ${BENCH_UART_BYTES:-262144} >> 10 )) KiB"
 fi
 if [ "$(runs rss-microvm)" -gt 0 ]; then

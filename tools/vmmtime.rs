@@ -1,7 +1,7 @@
 //! vmmtime: boot-timing helper for scripts/bench.sh, run inside the rig's L1 (busybox has
 //! no sub-second clock). Built with plain `rustc -O` (std only).
 //!
-//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... -- CMD ARGS...
+//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... [--timeout S] -- CMD ARGS...
 //!
 //! Spawns CMD (stdin /dev/null, stdout piped, stderr to the log), and prints one line:
 //!   vmmtime: init_ms=T1 exit_ms=T2 status=S rss_kib=R guest_kib=G rss_excl_guest_kib=E
@@ -12,7 +12,8 @@
 //! E = R - G: the VMM's own resident memory.
 //! Each `--at STR` adds `atK_ms=T atK_rss_excl_guest_kib=E` (K = 1, 2, ...): the time and
 //! the VMM's own RSS when the first line containing STR appears (e.g. markers the guest
-//! prints around a console flood).
+//! prints around a console flood). `--timeout S` kills CMD (SIGKILL) after S seconds; the
+//! line then says `status=timeout`.
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -46,6 +47,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut mark, mut mem_mib, mut log, mut cmd) = (String::new(), 0u64, None, Vec::new());
     let mut ats: Vec<(String, Option<f64>, Option<u64>)> = Vec::new();
+    let mut timeout: Option<u64> = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -55,6 +57,10 @@ fn main() {
             }
             "--guest-mem-mib" => {
                 mem_mib = args[i + 1].parse().expect("mib");
+                i += 2;
+            }
+            "--timeout" => {
+                timeout = args[i + 1].parse().ok();
                 i += 2;
             }
             "--at" => {
@@ -89,6 +95,17 @@ fn main() {
         .spawn()
         .expect("spawn");
     let pid = child.id();
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(secs) = timeout {
+        let flag = timed_out.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            // The child may have exited already; kill(2) on a reaped pid is harmless here
+            // because vmmtime exits right after the child does.
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        });
+    }
     let (mut init_ms, mut rss) = (None, None);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = Vec::new();
@@ -126,6 +143,10 @@ fn main() {
     println!(
         "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}{at_fields}",
         fmt(init_ms),
-        status.code().unwrap_or(-1)
+        if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+            "timeout".to_string()
+        } else {
+            status.code().unwrap_or(-1).to_string()
+        }
     );
 }

@@ -75,7 +75,7 @@ reader() {
 run() { # case i log -- cmd...
     c=$1 i=$2 log=$3; shift 4
     r=$("$VMMTIME" --mark "$mark" --guest-mem-mib "$mem" --log "$log" \
-        --at FLOOD-BEGIN-2 --at FLOOD-END-2 -- "$@")
+        --at FLOOD-BEGIN-2 --at FLOOD-END-2 --timeout "${BENCH_RUN_TIMEOUT:-240}" -- "$@")
     echo "BENCH $c $i ${r#vmmtime: }"
     case "$r" in *status=0*) ;; *) echo "$c run $i failed; its log tail:"; tail -n 15 "$log";; esac
 }
@@ -94,7 +94,7 @@ flood_cmd() { # size dev
     echo "mvcmd=\"head -c $1 /dev/urandom > /tmp/f; stty -F $2 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); cat /tmp/f > $2; echo; echo FLOOD-END-\$((1+1))\""
 }
 
-hvc_size=${BENCH_HVC_BYTES:-16777216}
+hvc_size=${BENCH_HVC_BYTES:-4194304}
 i=1
 while want hvc && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
     cmd=$(flood_cmd "$hvc_size" /dev/hvc0)
