@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -10,14 +11,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE,
-    VIRTIO_MMIO_START,
+    COM1_PORT_LEN, DEBUG_PORT, DEBUG_PORT_LEN, I8042_PORT, I8042_PORT_LEN, VIRTIO_IRQ_BASE,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
+use crate::console_checks::ConsoleChecks;
 use crate::devices::ConsoleSink;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
 use crate::devices::uart::Uart;
 use crate::devices::virtio::VirtioInterrupt;
@@ -28,7 +31,7 @@ use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET
 use crate::exit::ExitNotifier;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
-use crate::vmm::{Consoles, Vmm};
+use crate::vmm::{Consoles, RunChecks, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{self, Buses, StopFlag};
 use crate::vstate::vm::{self, Vm};
@@ -203,29 +206,38 @@ impl<W: ConsoleSink> FrontendInput for UartInput<W> {
     }
 }
 
-/// Creates a console hub for `spec`, watched for guest panics.
+/// Creates a console hub for `spec`, watched for guest panics and by the run's
+/// `--expect`/`--fail-on` checks.
 fn create_hub(
     spec: &ConsoleSpec,
     consoles: &Consoles,
     exit: &ExitNotifier,
+    checks: &ConsoleChecks,
 ) -> Result<Arc<Mutex<Hub>>, BuildError> {
     let quit = consoles.quit.try_clone().map_err(host_err("eventfd"))?;
     let mut hub = Hub::new(spec, quit)?;
     let mut watch = PanicWatch::new(exit.clone());
     hub.add_observer(Box::new(move |chunk| watch.observe(chunk)));
+    if !checks.is_empty() {
+        hub.add_observer(checks.observer());
+    }
     Ok(Arc::new(Mutex::new(hub)))
 }
 
 /// Creates the console hubs: `--console`, and `--serial` when the UART has its own.
-fn create_consoles(config: &VmConfig, exit: &ExitNotifier) -> Result<Consoles, BuildError> {
+fn create_consoles(
+    config: &VmConfig,
+    exit: &ExitNotifier,
+    checks: &ConsoleChecks,
+) -> Result<Consoles, BuildError> {
     let mut consoles = Consoles {
         hubs: Vec::new(),
         quit: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?,
     };
-    let console = create_hub(&config.console, &consoles, exit)?;
+    let console = create_hub(&config.console, &consoles, exit, checks)?;
     consoles.hubs.push(console);
     if let Some(serial) = &config.serial {
-        let hub = create_hub(serial, &consoles, exit)?;
+        let hub = create_hub(serial, &consoles, exit, checks)?;
         consoles.hubs.push(hub);
     }
     Ok(consoles)
@@ -239,7 +251,7 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
     let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let irq = vm.irqfd(COM1_IRQ)?;
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-    let writer = hub.writer();
+    let writer = hub.writer_for("ttyS0");
     let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), writer)));
     hub.add_frontend(
         "ttyS0",
@@ -259,9 +271,19 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
 }
 
 /// Creates the legacy devices on the port-I/O bus.
-fn create_devices(vm: &Vm, exit: &ExitNotifier, consoles: &Consoles) -> Result<Bus, BuildError> {
+fn create_devices(
+    vm: &Vm,
+    exit: &ExitNotifier,
+    consoles: &Consoles,
+    timer: &Arc<BootTimer>,
+) -> Result<Bus, BuildError> {
     let mut pio = Bus::new();
     create_uart(vm, consoles, &mut pio)?;
+    pio.insert(
+        u64::from(DEBUG_PORT),
+        u64::from(DEBUG_PORT_LEN),
+        Arc::new(Mutex::new(DebugPort::new(exit.clone(), timer.clone()))),
+    )?;
     pio.insert(
         u64::from(I8042_PORT),
         u64::from(I8042_PORT_LEN),
@@ -294,7 +316,7 @@ fn create_virtio_console(
     };
     let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let interrupt = VirtioInterrupt::new(vm.irqfd(VIRTIO_IRQ_BASE)?);
-    let mut console = Console::new(hub.writer(), interrupt.clone());
+    let mut console = Console::new(hub.writer_for("hvc0"), interrupt.clone());
     let tty_size = term::terminal_size(libc::STDOUT_FILENO);
     if let Some((cols, rows)) = tty_size {
         console.set_size(cols, rows);
@@ -411,8 +433,9 @@ fn start_vcpus(
     Ok(handles)
 }
 
-/// Builds the VM described by `config` and starts its vCPUs.
-pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
+/// Builds the VM described by `config` and starts its vCPUs. `started` is microvm's
+/// start, from which the boot timer and `--timeout` count.
+pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let kvm = open_kvm(config)?;
     let mem = memory::create(config.memory)?;
     let vm = Vm::new(&kvm, &mem)?;
@@ -429,8 +452,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
     // After loading, so that a missing or garbage kernel is reported as such first.
     check_pvm(&config.boot)?;
     // Consoles last: bad input must not leave a socket or log file behind.
-    let consoles = create_consoles(config, &exit)?;
-    let pio = create_devices(&vm, &exit, &consoles)?;
+    let checks = ConsoleChecks::new(&config.checks.expect, &config.checks.fail_on, exit.clone());
+    let consoles = create_consoles(config, &exit, &checks)?;
+    let timer = BootTimer::new(started);
+    let pio = create_devices(&vm, &exit, &consoles, &timer)?;
     let mut mmio = Bus::new();
     if config.virtio_console {
         create_virtio_console(&vm, &mem, &consoles, &mut mmio, &mut event_manager)?;
@@ -447,7 +472,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, BuildError> {
         stop,
         exit,
         consoles,
-        vm,
-        mem,
+        RunChecks {
+            checks,
+            timer,
+            timeout: config.checks.timeout,
+        },
+        (vm, mem),
     ))
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::arch::x86_64::layout::MAX_VCPUS;
-use crate::config::{self, BootSource, ConfigError, VmConfig};
+use crate::config::{self, BootSource, Checks, ConfigError, VmConfig};
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
@@ -18,8 +18,19 @@ Examples:
     microvm --kernel bzImage --initrd initrd.gz --console mux:sock,stdio
     microvm attach /tmp/microvm-<pid>.sock
 
-Exit status: 0 guest powered off or rebooted (or Ctrl-A x); 1 runtime error;
-2 usage error; 125 guest kernel panic; 128+N stopped by signal N.";
+  A CI test: pass when the guest prints ALL PASSED, fail on a panic or after 5 minutes,
+  keep the log and a JSON report (the guest may also exit with a code: see port 0xf4):
+    microvm --kernel bzImage --initrd tests.gz --console mux:stdio,file=console.log \\
+        --expect 'ALL PASSED' --fail-on 'Kernel panic' --timeout 5m --report report.json
+
+Test-guest ports: write a byte N to I/O port 0xf4 and microvm exits with status N
+(busybox: printf '\\003' | dd of=/dev/port bs=1 seek=244 count=1); write any byte to
+port 0xf5 when init is reached for --boot-timer (seek=245).
+
+Exit status: 0 guest powered off or rebooted, every --expect pattern appeared, or
+Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to port 0xf4; 121 the
+guest stopped before every --expect pattern appeared; 123 a --fail-on pattern appeared;
+124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
 
 fn after_help() -> String {
     format!("{EXAMPLES}\n\n{CONSOLE_SPEC_HELP}")
@@ -92,6 +103,43 @@ pub struct RunArgs {
     /// event loop) then run on the remaining CPUs.
     #[arg(long, value_name = "CPUS")]
     pub vcpu_affinity: Option<String>,
+    /// Stop with status 0 once PATTERN has appeared on the console (repeatable: the
+    /// patterns must appear in the order given). If the guest stops first: status 121.
+    #[arg(
+        long,
+        value_name = "PATTERN",
+        allow_hyphen_values = true,
+        help_heading = "Test guests (CI)"
+    )]
+    pub expect: Vec<String>,
+    /// Stop at once with status 123 when PATTERN appears on the console (repeatable),
+    /// e.g. --fail-on 'Kernel panic' --fail-on 'BUG:'.
+    #[arg(
+        long,
+        value_name = "PATTERN",
+        allow_hyphen_values = true,
+        help_heading = "Test guests (CI)"
+    )]
+    pub fail_on: Vec<String>,
+    /// Stop the guest after DURATION (e.g. 90s, 5m, 1500ms) with status 124.
+    #[arg(long, value_name = "DURATION", help_heading = "Test guests (CI)")]
+    pub timeout: Option<String>,
+    /// Print the boot time on stderr at exit: from microvm's start to the guest's first
+    /// write to the boot-timer port 0xf5.
+    #[arg(long, help_heading = "Test guests (CI)")]
+    pub boot_timer: bool,
+    /// Write a JSON summary to FILE at exit (exit reason and status, guest exit code,
+    /// boot time, bytes per console device and backend, socket clients).
+    #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
+    pub report: Option<PathBuf>,
+    /// Console lines printed on stderr when the guest's run fails (0: none).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        help_heading = "Test guests (CI)"
+    )]
+    pub tail_lines: usize,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -139,6 +187,27 @@ impl RunArgs {
                 Some(list) => config::parse_cpu_list(list, config::host_cpus())?,
                 None => Vec::new(),
             },
+            checks: self.checks()?,
+        })
+    }
+
+    fn checks(&self) -> Result<Checks, ConfigError> {
+        config::check_patterns("expect", &self.expect)?;
+        config::check_patterns("fail-on", &self.fail_on)?;
+        if let Some(r) = &self.report {
+            config::check_report_path(r)?;
+        }
+        Ok(Checks {
+            expect: self.expect.clone(),
+            fail_on: self.fail_on.clone(),
+            timeout: self
+                .timeout
+                .as_deref()
+                .map(config::parse_duration)
+                .transpose()?,
+            boot_timer: self.boot_timer,
+            report: self.report.clone(),
+            tail_lines: self.tail_lines,
         })
     }
 }
@@ -229,6 +298,40 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn ci_checks() {
+        let cli = parse(&[
+            "--kernel",
+            "k",
+            "--expect",
+            "a",
+            "--expect",
+            "-b",
+            "--fail-on",
+            "BUG:",
+            "--timeout",
+            "90s",
+            "--boot-timer",
+            "--report",
+            "r.json",
+        ])
+        .unwrap();
+        let c = cli.run.to_config().unwrap().checks;
+        assert_eq!(c.expect, ["a", "-b"]);
+        assert_eq!(c.fail_on, ["BUG:"]);
+        assert_eq!(c.timeout, Some(std::time::Duration::from_secs(90)));
+        assert!(c.boot_timer);
+        assert_eq!(c.tail_lines, 20);
+        for bad in [
+            &["--kernel", "k", "--timeout", "soon"][..],
+            &["--kernel", "k", "--expect", ""],
+            &["--kernel", "k", "--report", "/nonexistent-dir/r.json"],
+        ] {
+            let e = parse(bad).unwrap().run.to_config().unwrap_err().to_string();
+            assert!(e.starts_with("--"), "{e}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The VM's configuration, validated: what the builder needs, with no clap or KVM types.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::mux::{ConsoleSpec, SpecError};
@@ -77,6 +78,22 @@ pub enum ConfigError {
         /// Host CPUs (numbered 0..ncpus).
         ncpus: usize,
     },
+    /// A duration could not be parsed.
+    #[error(
+        "--timeout {0}: invalid duration; use a number with an optional ms, s, m or h suffix, e.g. 90s or 5m"
+    )]
+    BadDuration(String),
+    /// An empty `--expect` or `--fail-on` pattern (it would match at once).
+    #[error("--{0} '': empty pattern; give the text to look for on the console")]
+    EmptyPattern(&'static str),
+    /// `--report FILE` cannot be written where asked.
+    #[error("--report {path}: {why}")]
+    BadReportPath {
+        /// What the user gave.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -126,6 +143,91 @@ pub struct VmConfig {
     /// Host CPUs the vCPU threads run on (`--vcpu-affinity`); the VMM's other threads
     /// then run on the remaining CPUs. Empty: no pinning.
     pub vcpu_affinity: Vec<usize>,
+    /// Pass/fail checks for test guests and what to report at the end.
+    pub checks: Checks,
+}
+
+/// What decides a test guest's verdict, and what microvm reports when it ends
+/// (`--expect`, `--fail-on`, `--timeout`, `--boot-timer`, `--report`, `--tail-lines`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checks {
+    /// Patterns that must appear on the console, in this order; when the last has, the
+    /// VM stops with status 0.
+    pub expect: Vec<String>,
+    /// Patterns that end the run at once with a failure when they appear.
+    pub fail_on: Vec<String>,
+    /// Stop the VM after this long (status 124).
+    pub timeout: Option<Duration>,
+    /// Print the boot time (start to the guest's boot-timer write) on stderr at exit.
+    pub boot_timer: bool,
+    /// Write a JSON summary here at exit.
+    pub report: Option<PathBuf>,
+    /// Console lines shown on stderr when the guest's run fails.
+    pub tail_lines: usize,
+}
+
+/// Parses `90`, `90s`, `1500ms`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::BadDuration(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if ms == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// A duration as the user would write it (`90s`, `1500ms`, `5m`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms >= 60_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Checks `--expect`/`--fail-on` patterns (non-empty).
+pub fn check_patterns(option: &'static str, patterns: &[String]) -> Result<(), ConfigError> {
+    if patterns.iter().any(String::is_empty) {
+        return Err(ConfigError::EmptyPattern(option));
+    }
+    Ok(())
+}
+
+/// Checks that `--report FILE` can be created: its directory exists and it is not a
+/// directory itself. Nothing is written until the VM ends.
+pub fn check_report_path(path: &Path) -> Result<(), ConfigError> {
+    let bad = |why: String| ConfigError::BadReportPath {
+        path: path.display().to_string(),
+        why,
+    };
+    if path.is_dir() {
+        return Err(bad("is a directory; give a file name".into()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(bad(format!(
+            "directory {} does not exist; create it first",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Parses a host CPU list such as `1`, `2-3,6` (sorted, without duplicates).
@@ -265,6 +367,44 @@ mod cpu_list_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "s",
+            "-1",
+            "1.5s",
+            "3d",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        for d in ["90s", "1500ms", "5m"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+    }
+
+    #[test]
+    fn patterns_and_report_path() {
+        assert!(check_patterns("expect", &["a".into()]).is_ok());
+        let e = check_patterns("fail-on", &["a".into(), String::new()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--fail-on '': empty pattern; give the text to look for on the console"
+        );
+        assert!(check_report_path(Path::new("r.json")).is_ok());
+        let e = check_report_path(Path::new("/nonexistent-dir/r.json")).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(check_report_path(Path::new("/tmp")).is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -15,6 +15,12 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_RUNTIME_ERROR: i32 = 1;
 /// Exit status: bad command-line usage.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit status: the guest stopped before every `--expect` pattern had appeared.
+pub const EXIT_EXPECT_UNMET: i32 = 121;
+/// Exit status: a `--fail-on` pattern appeared on the console.
+pub const EXIT_FAIL_ON: i32 = 123;
+/// Exit status: `--timeout` expired (the habit of GNU timeout).
+pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status: the guest kernel panicked.
 pub const EXIT_GUEST_PANIC: i32 = 125;
 /// Exit status base for a fatal host signal (128 + signal number, as shells report it).
@@ -29,6 +35,23 @@ pub enum ExitReason {
     Reset,
     /// The guest kernel panicked; the text is the panic line.
     GuestPanic(String),
+    /// The guest wrote this exit code to the exit-code port (0xf4).
+    GuestExit(u8),
+    /// Every `--expect` pattern appeared on the console, in order.
+    ExpectMet,
+    /// The guest stopped before every `--expect` pattern had appeared.
+    ExpectUnmet {
+        /// How many had appeared.
+        matched: usize,
+        /// The first that had not.
+        missing: String,
+        /// Why the guest stopped.
+        stopped: Box<ExitReason>,
+    },
+    /// A `--fail-on` pattern appeared on the console.
+    FailOn(String),
+    /// `--timeout` expired.
+    Timeout(std::time::Duration),
     /// The user asked to quit from the console (Ctrl-A x).
     UserQuit,
     /// A host signal (SIGTERM, SIGINT, SIGHUP) asked microvm to stop.
@@ -38,10 +61,47 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// A short stable name for reports (`--report`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExitReason::PowerOff => "poweroff",
+            ExitReason::Reset => "reset",
+            ExitReason::GuestPanic(_) => "panic",
+            ExitReason::GuestExit(_) => "guest-exit",
+            ExitReason::ExpectMet => "expect-met",
+            ExitReason::ExpectUnmet { .. } => "expect-unmet",
+            ExitReason::FailOn(_) => "fail-on",
+            ExitReason::Timeout(_) => "timeout",
+            ExitReason::UserQuit => "user-quit",
+            ExitReason::Signal(_) => "signal",
+            ExitReason::Error(_) => "error",
+        }
+    }
+
+    /// True when the guest's run failed (its test, its kernel, or the expectations on its
+    /// console): microvm then shows the console's last lines on stderr.
+    pub fn is_guest_failure(&self) -> bool {
+        match self {
+            ExitReason::GuestExit(code) => *code != 0,
+            ExitReason::GuestPanic(_)
+            | ExitReason::ExpectUnmet { .. }
+            | ExitReason::FailOn(_)
+            | ExitReason::Timeout(_) => true,
+            _ => false,
+        }
+    }
+
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::UserQuit => EXIT_OK,
+            ExitReason::PowerOff
+            | ExitReason::Reset
+            | ExitReason::UserQuit
+            | ExitReason::ExpectMet => EXIT_OK,
+            ExitReason::GuestExit(code) => i32::from(*code),
+            ExitReason::ExpectUnmet { .. } => EXIT_EXPECT_UNMET,
+            ExitReason::FailOn(_) => EXIT_FAIL_ON,
+            ExitReason::Timeout(_) => EXIT_TIMEOUT,
             ExitReason::GuestPanic(_) => EXIT_GUEST_PANIC,
             ExitReason::Signal(sig) => EXIT_SIGNAL_BASE + sig,
             ExitReason::Error(_) => EXIT_RUNTIME_ERROR,
@@ -55,6 +115,22 @@ impl fmt::Display for ExitReason {
             ExitReason::PowerOff => write!(f, "guest powered off"),
             ExitReason::Reset => write!(f, "guest rebooted"),
             ExitReason::GuestPanic(line) => write!(f, "guest kernel panic: {line}"),
+            ExitReason::GuestExit(code) => write!(f, "guest exit code {code} (port 0xf4)"),
+            ExitReason::ExpectMet => write!(f, "every --expect pattern appeared"),
+            ExitReason::ExpectUnmet {
+                matched,
+                missing,
+                stopped,
+            } => write!(
+                f,
+                "{stopped} before --expect {missing:?} appeared ({matched} of the patterns before it did)"
+            ),
+            ExitReason::FailOn(p) => write!(f, "--fail-on {p:?} appeared on the console"),
+            ExitReason::Timeout(d) => write!(
+                f,
+                "--timeout {} expired",
+                crate::config::format_duration(*d)
+            ),
             ExitReason::UserQuit => write!(f, "quit from the console"),
             ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),
             ExitReason::Error(msg) => write!(f, "{msg}"),
@@ -151,5 +227,35 @@ mod tests {
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
         assert_eq!(ExitReason::Signal(15).exit_code(), 143);
         assert_eq!(ExitReason::Error("x".into()).exit_code(), 1);
+        assert_eq!(ExitReason::GuestExit(0).exit_code(), 0);
+        assert_eq!(ExitReason::GuestExit(3).exit_code(), 3);
+        assert_eq!(ExitReason::GuestExit(255).exit_code(), 255);
+        assert_eq!(ExitReason::ExpectMet.exit_code(), 0);
+        assert_eq!(ExitReason::FailOn("BUG:".into()).exit_code(), 123);
+        assert_eq!(
+            ExitReason::Timeout(std::time::Duration::from_secs(5)).exit_code(),
+            124
+        );
+        let unmet = ExitReason::ExpectUnmet {
+            matched: 1,
+            missing: "done".into(),
+            stopped: Box::new(ExitReason::PowerOff),
+        };
+        assert_eq!(unmet.exit_code(), 121);
+        assert_eq!(
+            unmet.to_string(),
+            "guest powered off before --expect \"done\" appeared (1 of the patterns before it did)"
+        );
+    }
+
+    #[test]
+    fn guest_failures() {
+        assert!(ExitReason::GuestExit(1).is_guest_failure());
+        assert!(!ExitReason::GuestExit(0).is_guest_failure());
+        assert!(ExitReason::Timeout(std::time::Duration::from_secs(1)).is_guest_failure());
+        assert!(ExitReason::GuestPanic("p".into()).is_guest_failure());
+        assert!(!ExitReason::PowerOff.is_guest_failure());
+        assert!(!ExitReason::Error("x".into()).is_guest_failure());
+        assert_eq!(ExitReason::FailOn("x".into()).kind(), "fail-on");
     }
 }

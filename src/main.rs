@@ -1,11 +1,17 @@
-//! microvm's entry point: parse -> build -> run -> exit status.
+//! microvm's entry point: parse -> build -> run -> report -> exit status.
+
+use std::time::Instant;
 
 use clap::Parser;
 
 use microvm::cli::{Cli, Command};
-use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE};
+use microvm::config::{Checks, VmConfig};
+use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE, ExitReason};
+use microvm::report;
+use microvm::vmm::Outcome;
 
 fn main() {
+    let started = Instant::now();
     let cli = Cli::parse();
     if let Some(Command::Attach { socket, read_only }) = cli.command {
         let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
@@ -25,21 +31,68 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    let vmm = match microvm::builder::build(&config) {
+    let vmm = match microvm::builder::build(&config, started) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("microvm: {e}");
-            std::process::exit(if e.is_usage() {
+            let code = if e.is_usage() {
                 EXIT_USAGE
             } else {
                 EXIT_RUNTIME_ERROR
-            });
+            };
+            let reason = ExitReason::Error(e.to_string());
+            finish(&config.checks, &reason, code, None);
         }
     };
-    let reason = vmm.run();
-    let code = reason.exit_code();
+    let outcome = vmm.run();
+    let code = outcome.reason.exit_code();
     if code != 0 {
-        eprintln!("microvm: {reason}");
+        eprintln!("microvm: {}", outcome.reason);
+    }
+    show_outcome(&config, &outcome);
+    finish(&config.checks, &outcome.reason, code, Some(&outcome));
+}
+
+/// The boot timer and, when the guest's run failed, the console's last lines on stderr.
+fn show_outcome(config: &VmConfig, outcome: &Outcome) {
+    if config.checks.boot_timer {
+        match outcome.boot_time {
+            Some(t) => eprintln!(
+                "microvm: boot time: {:.1} ms (microvm start to the guest's write to port 0xf5)",
+                t.as_secs_f64() * 1000.0
+            ),
+            None => eprintln!(
+                "microvm: boot time: unknown: the guest never wrote to the boot-timer port 0xf5"
+            ),
+        }
+    }
+    let n = config.checks.tail_lines;
+    if !outcome.reason.is_guest_failure() || n == 0 {
+        return;
+    }
+    for (i, (_, history)) in outcome.consoles.iter().enumerate() {
+        let lines = report::tail_lines(history, n);
+        if lines.is_empty() {
+            continue;
+        }
+        let which = if i == 0 { "--console" } else { "--serial" };
+        eprintln!("microvm: last {} lines of the {which} output:", lines.len());
+        for l in lines {
+            eprintln!("  | {l}");
+        }
+    }
+}
+
+/// Writes the `--report` (if asked) and exits with `code`.
+fn finish(checks: &Checks, reason: &ExitReason, code: i32, outcome: Option<&Outcome>) -> ! {
+    if let Some(path) = &checks.report {
+        let text = report::render(checks, reason, code, outcome);
+        if let Err(e) = report::write_atomic(path, &text) {
+            eprintln!("microvm: {e}");
+            if code == 0 {
+                std::process::exit(EXIT_RUNTIME_ERROR);
+            }
+        }
     }
     std::process::exit(code);
 }

@@ -9,8 +9,10 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::console_checks::ConsoleChecks;
+use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::mux::Hub;
+use crate::mux::{Hub, HubStats};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -82,6 +84,32 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
+/// What decides a test guest's verdict: the console checks, the boot timer, the timeout.
+pub struct RunChecks {
+    /// `--expect` / `--fail-on`.
+    pub checks: ConsoleChecks,
+    /// Counts from microvm's start; the guest marks init reached on port 0xf5.
+    pub timer: Arc<BootTimer>,
+    /// `--timeout`, counted from microvm's start.
+    pub timeout: Option<Duration>,
+}
+
+/// How a run ended, and what went through its consoles (for stderr and `--report`).
+#[derive(Debug)]
+pub struct Outcome {
+    /// The verdict.
+    pub reason: ExitReason,
+    /// microvm's start to the guest's boot-timer write.
+    pub boot_time: Option<Duration>,
+    /// microvm's start to the end of the run.
+    pub wall_time: Duration,
+    /// `--expect` patterns seen, of how many.
+    pub expect_progress: (usize, usize),
+    /// Per console hub (`--console` first, then `--serial`): its traffic and the last
+    /// bytes of its stream.
+    pub consoles: Vec<(HubStats, Vec<u8>)>,
+}
+
 /// A running VM.
 pub struct Vmm {
     event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
@@ -89,9 +117,9 @@ pub struct Vmm {
     stop: StopFlag,
     exit: ExitNotifier,
     hubs: Vec<Arc<Mutex<Hub>>>,
+    checks: RunChecks,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
-    _vm: Vm,
-    _memory: GuestMemory,
+    _guest: (Vm, GuestMemory),
 }
 
 impl Vmm {
@@ -102,8 +130,8 @@ impl Vmm {
         stop: StopFlag,
         exit: ExitNotifier,
         consoles: Consoles,
-        vm: Vm,
-        memory: GuestMemory,
+        checks: RunChecks,
+        guest: (Vm, GuestMemory),
     ) -> Vmm {
         install_signal_handlers(&exit);
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -116,18 +144,29 @@ impl Vmm {
             stop,
             exit,
             hubs: consoles.hubs,
-            _vm: vm,
-            _memory: memory,
+            checks,
+            _guest: guest,
         }
     }
 
-    /// Runs the event loop until the VM ends; stops the vCPUs and returns why it ended.
-    pub fn run(mut self) -> ExitReason {
+    /// Runs the event loop until the VM ends; stops the vCPUs and returns how it ended.
+    pub fn run(mut self) -> Outcome {
         while self.exit.reason().is_none() {
-            if let Err(e) = self.event_manager.run_with_timeout(LOOP_TIMEOUT_MS) {
+            let mut wait_ms = LOOP_TIMEOUT_MS;
+            if let Some(limit) = self.checks.timeout {
+                let left = limit.saturating_sub(self.checks.timer.elapsed());
+                if left.is_zero() {
+                    self.exit.exit(ExitReason::Timeout(limit));
+                    break;
+                }
+                // Round up: waking just before the deadline would spin.
+                wait_ms = wait_ms.min(i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX));
+            }
+            if let Err(e) = self.event_manager.run_with_timeout(wait_ms) {
                 self.exit
                     .exit(ExitReason::Error(format!("event loop failed: {e:?}")));
             }
+            self.checks.checks.poll();
         }
         self.stop.set();
         for v in &mut self.vcpus {
@@ -136,11 +175,22 @@ impl Vmm {
         // Deliver what the guest wrote before it stopped (and let the panic watch see it),
         // then flush lossless backends, remove socket files and restore the terminal.
         let _ = self.event_manager.run_with_timeout(0);
+        let mut consoles = Vec::with_capacity(self.hubs.len());
         for hub in &self.hubs {
-            hub.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+            let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
+            hub.shutdown();
+            consoles.push((hub.stats(), hub.history()));
         }
-        self.exit
+        let reason = self
+            .exit
             .reason()
-            .unwrap_or_else(|| ExitReason::Error("VM stopped for no recorded reason".into()))
+            .unwrap_or_else(|| ExitReason::Error("VM stopped for no recorded reason".into()));
+        Outcome {
+            reason: self.checks.checks.verdict(reason),
+            boot_time: self.checks.timer.boot_time(),
+            wall_time: self.checks.timer.elapsed(),
+            expect_progress: self.checks.checks.expect_progress(),
+            consoles,
+        }
     }
 }

@@ -23,19 +23,35 @@ fn poweroff() -> Vec<u8> {
     c
 }
 
-/// Prints a NUL-terminated message to COM1, then powers off.
-fn hello_guest(msg: &str) -> Vec<u8> {
+/// Prints a message to COM1, then runs `then`.
+fn print_then(msg: &str, then: &[u8]) -> Vec<u8> {
     let mut c = mov_dx(0x3f8);
-    let msg_addr = LOAD_ADDR + 21;
+    let msg_addr = LOAD_ADDR + 14 + then.len() as u16;
     let [lo, hi] = msg_addr.to_le_bytes();
     c.extend([0xbe, lo, hi]); // mov si, msg
     c.extend([0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]); // lodsb; test al,al; jz +3; out dx,al; jmp -8
-    c.extend(poweroff());
-    assert_eq!(c.len(), 21);
+    c.extend(then);
+    assert_eq!(c.len(), usize::from(msg_addr - LOAD_ADDR));
     c.extend(msg.as_bytes());
     c.push(0);
     c
 }
+
+/// Prints a NUL-terminated message to COM1, then powers off.
+fn hello_guest(msg: &str) -> Vec<u8> {
+    print_then(msg, &poweroff())
+}
+
+/// Writes `code` to the exit-code port 0xf4.
+fn exit_code(code: u8) -> Vec<u8> {
+    vec![0xb0, code, 0xe6, 0xf4, 0xf4] // mov al,code; out 0xf4,al; hlt
+}
+
+/// Spins forever (jmp $): a guest that never stops by itself.
+const SPIN: [u8; 2] = [0xeb, 0xfe];
+
+/// Marks "init reached" on the boot-timer port 0xf5.
+const BOOT_TIMER: [u8; 2] = [0xe6, 0xf5]; // out 0xf5,al
 
 /// Echoes every byte received on COM1 (polling LSR.DR) until it sees 'q', then powers off.
 fn echo_guest() -> Vec<u8> {
@@ -77,12 +93,18 @@ struct Run {
 
 /// Runs microvm on `guest` with `input` on stdin; a safety timeout kills it.
 fn run(name: &str, guest: &[u8], input: &[u8]) -> Run {
+    run_with(name, guest, input, &[])
+}
+
+/// [`run`] with extra microvm arguments.
+fn run_with(name: &str, guest: &[u8], input: &[u8], args: &[&str]) -> Run {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),
         "these tests need /dev/kvm (any KVM, PVM included)"
     );
     let img = image(name, guest);
     let mut child = Command::new(MICROVM)
+        .args(args)
         .arg("--real-mode-image")
         .arg(&img)
         .stdin(Stdio::piped())
@@ -215,4 +237,178 @@ fn vcpu_affinity_pins_vcpus_and_keeps_the_event_loop_off_them() {
         format!("0-{}", cpus - 2)
     };
     assert_eq!(main.1, others, "event loop affinity: {threads:?}");
+}
+
+// ---- test guests in CI: exit-code port, --expect, --fail-on, --timeout, --report -------
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("microvm-tiny-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn exit_code_port_sets_the_status_after_flushing_the_console() {
+    let d = scratch("exit3");
+    let log = d.join("console.log");
+    let spec = format!("mux:stdio,file={}", log.display());
+    let r = run_with(
+        "exit3",
+        &print_then("last words\n", &exit_code(3)),
+        b"",
+        &["--console", &spec],
+    );
+    assert_eq!(r.status, 3, "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, b"last words\n");
+    assert_eq!(std::fs::read(&log).unwrap(), b"last words\n");
+    assert!(r.stderr.contains("guest exit code 3"), "{}", r.stderr);
+    assert!(r.stderr.contains("  | last words"), "tail: {}", r.stderr);
+    let r = run_with("exit0", &print_then("fine\n", &exit_code(0)), b"", &[]);
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    assert!(r.stderr.is_empty(), "a pass prints nothing: {}", r.stderr);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn expect_patterns_in_order_end_the_run_with_zero() {
+    let g = print_then("step one\nstep two\n", &SPIN);
+    let r = run_with(
+        "expect",
+        &g,
+        b"",
+        &["--expect", "one", "--expect", "two", "--timeout", "60s"],
+    );
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    // Out of order: "one" never follows "two", so the timeout ends the run.
+    let r = run_with(
+        "expect-order",
+        &g,
+        b"",
+        &[
+            "--expect",
+            "two",
+            "--expect",
+            "one",
+            "--timeout",
+            "2s",
+            "--tail-lines",
+            "1",
+        ],
+    );
+    assert_eq!(r.status, 124, "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("--timeout 2s expired"), "{}", r.stderr);
+    assert!(r.stderr.contains("  | step two"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("  | step one"),
+        "one tail line only: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn fail_on_ends_the_run_at_once() {
+    let g = print_then("booting\nBUG: kernel NULL pointer dereference\n", &SPIN);
+    let r = run_with(
+        "fail-on",
+        &g,
+        b"",
+        &[
+            "--fail-on",
+            "Kernel panic",
+            "--fail-on",
+            "BUG:",
+            "--timeout",
+            "60s",
+        ],
+    );
+    assert_eq!(r.status, 123, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains(r#"--fail-on "BUG:" appeared"#),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("  | BUG: kernel NULL"), "{}", r.stderr);
+}
+
+#[test]
+fn guest_stopping_before_its_expectations_fails() {
+    let r = run_with(
+        "unmet",
+        &hello_guest("nothing to see\n"),
+        b"",
+        &["--expect", "ALL PASSED"],
+    );
+    assert_eq!(r.status, 121, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(r#"guest powered off before --expect "ALL PASSED" appeared"#),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn report_and_boot_timer() {
+    let d = scratch("report");
+    let report = d.join("report.json");
+    let spec = format!("mux:stdio,ring,sock={}", d.join("c.sock").display());
+    let mut then = BOOT_TIMER.to_vec();
+    then.extend(exit_code(0));
+    let start = Instant::now();
+    let r = run_with(
+        "report",
+        &print_then("hello\n", &then),
+        b"",
+        &[
+            "--boot-timer",
+            "--console",
+            &spec,
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    let boot_ms: f64 = r
+        .stderr
+        .split("boot time: ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no boot time on stderr: {}", r.stderr));
+    assert!(
+        boot_ms > 0.0 && boot_ms < wall_ms,
+        "{boot_ms} ms of {wall_ms} ms"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(j["exit"]["reason"], "guest-exit");
+    assert_eq!(j["exit"]["status"], 0);
+    assert_eq!(j["guest_exit_code"], 0);
+    let boot = j["boot_time_ms"].as_f64().unwrap();
+    assert!(
+        (boot - boot_ms).abs() < 0.2,
+        "report {boot} vs stderr {boot_ms}"
+    );
+    assert!(boot <= j["wall_time_ms"].as_f64().unwrap());
+    let c = &j["consoles"][0];
+    assert_eq!(c["output_bytes"], 6);
+    assert_eq!(c["frontends"][0]["name"], "ttyS0");
+    assert_eq!(c["frontends"][0]["bytes_out"], 6);
+    let backend = |name: &str| {
+        c["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .unwrap_or_else(|| panic!("no backend {name} in {c}"))
+            .clone()
+    };
+    assert_eq!(backend("stdout")["bytes_out"], 6);
+    assert_eq!(backend("stdout")["dropped"], 0);
+    assert_eq!(backend("ring")["bytes_out"], 6);
+    assert_eq!(c["sockets"][0]["clients_seen"], 0);
+    assert!(!d.join("c.sock").exists(), "socket file removed at exit");
+    std::fs::remove_dir_all(d).unwrap();
 }

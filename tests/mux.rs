@@ -708,3 +708,41 @@ fn tty_raw_mode_escape_keys_and_restore_on_quit() {
         libc::close(slave);
     }
 }
+
+#[test]
+fn shutdown_delivers_the_last_output_to_a_slow_client() {
+    let d = tmpdir("lastwords");
+    let p = d.join("c.sock");
+    let vm = Vm::start(&format!("sock={}", p.display()));
+    let mut c = connect(&p);
+    wait_until("1 client", || vm.clients() == 1);
+    // The guest's last output arrives as the VM stops: more than the socket buffer holds,
+    // read slowly by the client while the hub shuts down.
+    let data = pattern(600_000, 7);
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0; 16 << 10];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            if got.len() >= 600_000 {
+                return got;
+            }
+        }
+    });
+    let mut w = vm.writer.clone();
+    w.write_all(&data).unwrap();
+    let hub = vm.stop();
+    let got = reader.join().unwrap();
+    assert_eq!(
+        got.len(),
+        data.len(),
+        "the client got every byte before the exit"
+    );
+    assert!(got == data);
+    drop(hub);
+    let _ = std::fs::remove_dir_all(d);
+}

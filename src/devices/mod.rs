@@ -9,6 +9,7 @@ use crate::mux::HubWriter;
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod debug_port;
 pub mod i8042;
 pub mod uart;
 pub mod virtio;

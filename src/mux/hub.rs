@@ -60,8 +60,11 @@ pub struct HubConfig {
     pub history: usize,
     /// Largest single read from an input source.
     pub read_chunk: usize,
-    /// How long `shutdown` waits for a slow terminal to take the rest of the output.
+    /// How long `shutdown` waits for a terminal that takes none of the rest of the
+    /// output (one that keeps taking it is waited for, up to `shutdown_limit`).
     pub shutdown_timeout: Duration,
+    /// The longest `shutdown` waits for the terminal and socket clients in all.
+    pub shutdown_limit: Duration,
 }
 
 impl Default for HubConfig {
@@ -73,6 +76,7 @@ impl Default for HubConfig {
             history: super::spec::DEFAULT_RING_SIZE,
             read_chunk: 4096,
             shutdown_timeout: Duration::from_secs(2),
+            shutdown_limit: Duration::from_secs(60),
         }
     }
 }
@@ -105,6 +109,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct HubWriter {
     shared: Arc<Shared>,
+    /// Bytes this writer (and its clones) put into the stream (see [`Hub::writer_for`]).
+    sent: Arc<AtomicU64>,
 }
 
 impl HubWriter {
@@ -158,6 +164,7 @@ impl Write for HubWriter {
             }
             was_empty = q.is_empty();
             q.extend_from_slice(buf);
+            self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.shared.queued.store(q.len(), Ordering::Release);
         }
         if was_empty {
@@ -171,6 +178,66 @@ impl Write for HubWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// What went through a hub ([`Hub::stats`]), for `--report`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Bytes of the output stream (what every backend was offered).
+    pub output_bytes: u64,
+    /// Input bytes the frontends took.
+    pub input_bytes: u64,
+    /// Per frontend device.
+    pub frontends: Vec<FrontendStats>,
+    /// Per backend (socket clients are counted per listener instead).
+    pub backends: Vec<BackendStats>,
+    /// Per socket listener.
+    pub listeners: Vec<ListenerStats>,
+}
+
+/// One frontend's traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    /// `ttyS0`, `hvc0`.
+    pub name: String,
+    /// Bytes the guest wrote through it.
+    pub bytes_out: u64,
+    /// Bytes of input it took.
+    pub bytes_in: u64,
+}
+
+/// One backend's traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// `stdout`, `stdin`, `file PATH`, `ring`.
+    pub name: String,
+    /// Bytes delivered to it (for `ring`: bytes that went through it).
+    pub bytes_out: u64,
+    /// Bytes it lost (a lossless backend beyond the hard cap).
+    pub dropped: u64,
+    /// Bytes typed into it.
+    pub bytes_in: u64,
+    /// `open`, or `closed` (failed or hung up while the VM ran).
+    pub state: &'static str,
+}
+
+/// One socket listener's clients, all of them together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// The socket path or TCP address.
+    pub name: String,
+    /// Clients accepted.
+    pub clients_seen: u64,
+    /// Clients connected now.
+    pub clients_now: usize,
+    /// Clients cut off because they stopped reading.
+    pub clients_cut_off: u64,
+    /// Clients refused (over `max-clients`).
+    pub clients_refused: u64,
+    /// Bytes delivered to clients (history replay included).
+    pub bytes_out: u64,
+    /// Bytes clients typed.
+    pub bytes_in: u64,
 }
 
 /// Implemented by each frontend device; called on the event-loop thread to deliver input.
@@ -314,6 +381,12 @@ struct Endpoint {
     /// Single-writer: Ctrl-A w parser for non-holders, and "you are read-only" told once.
     takeover: EscapeParser,
     told_readonly: bool,
+    /// Bytes written to it, and bytes it dropped (lossless overflow) or typed.
+    written: u64,
+    dropped: u64,
+    typed: u64,
+    /// Cut off by its queue's policy (a socket client that stopped reading).
+    cut_off: bool,
 }
 
 impl Endpoint {
@@ -331,6 +404,10 @@ impl Endpoint {
             dead: None,
             takeover: EscapeParser::new(EscapeKeys::TakeOver),
             told_readonly: false,
+            written: 0,
+            dropped: 0,
+            typed: 0,
+            cut_off: false,
         }
     }
 
@@ -353,6 +430,16 @@ impl Endpoint {
 
     fn pending(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.bytes)
+    }
+
+    fn stats(&self, state: &'static str) -> BackendStats {
+        BackendStats {
+            name: self.name.clone(),
+            bytes_out: self.written,
+            dropped: self.dropped,
+            bytes_in: self.typed,
+            state,
+        }
     }
 
     /// Write queued output until it would block. Adds the drop notice when a lossless
@@ -380,6 +467,7 @@ impl Endpoint {
                 Ok(n) => {
                     *off += n;
                     out.bytes -= n;
+                    self.written += n as u64;
                     if *off == buf.len() {
                         out.chunks.pop_front();
                     }
@@ -405,7 +493,10 @@ impl Endpoint {
             while off < data.len() {
                 match self.port.write(&data[off..]) {
                     Ok(0) => break,
-                    Ok(n) => off += n,
+                    Ok(n) => {
+                        off += n;
+                        self.written += n as u64;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         let why = format!("console backend {} dropped: {e}", self.name);
@@ -423,8 +514,10 @@ impl Endpoint {
             match out.policy {
                 Policy::Lossless => {
                     out.dropped += rest as u64;
+                    self.dropped += rest as u64;
                 }
                 Policy::CutOff => {
+                    self.cut_off = true;
                     let why = format!(
                         "console {} cut off: it stopped reading (more than {} bytes behind)",
                         self.name, out.limit
@@ -457,12 +550,19 @@ struct ListenerState {
     holder: Option<u32>,
     next_id: u64,
     registered: bool,
+    /// Clients gone so far: cut off, refused (over max-clients), and their byte counts.
+    cut_off: u64,
+    refused: u64,
+    gone_written: u64,
+    gone_typed: u64,
 }
 
 struct Frontend {
     name: String,
     input: Box<dyn FrontendInput>,
     registered: bool,
+    /// Input bytes the device took.
+    bytes_in: u64,
 }
 
 /// The console hub. Create it from a [`ConsoleSpec`], add frontends, register it with an
@@ -489,6 +589,12 @@ pub struct Hub {
     stdio: bool,
     raw: Option<RawMode>,
     scratch: Vec<u8>,
+    /// Output counters of the frontends' writers ([`Hub::writer_for`]).
+    sent: Vec<(String, Arc<AtomicU64>)>,
+    /// Backends (not socket clients) removed so far.
+    retired: Vec<BackendStats>,
+    /// The spec has a `ring` backend.
+    has_ring: bool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -560,6 +666,9 @@ impl Hub {
             stdio: false,
             raw: None,
             scratch: vec![0; read_chunk],
+            sent: Vec::new(),
+            retired: Vec::new(),
+            has_ring: false,
         })
     }
 
@@ -573,7 +682,10 @@ impl Hub {
     fn add_backend(&mut self, b: &BackendSpec) -> Result<(), MuxError> {
         match b {
             BackendSpec::Stdio => self.add_stdio(),
-            BackendSpec::Ring { .. } => Ok(()),
+            BackendSpec::Ring { .. } => {
+                self.has_ring = true;
+                Ok(())
+            }
             BackendSpec::File(f) => {
                 let port = FilePort::open(f)?;
                 let t = self.alloc_token();
@@ -607,6 +719,10 @@ impl Hub {
                     holder: None,
                     next_id: 1,
                     registered: false,
+                    cut_off: 0,
+                    refused: 0,
+                    gone_written: 0,
+                    gone_typed: 0,
                 });
                 Ok(())
             }
@@ -657,6 +773,7 @@ impl Hub {
             name: name.to_string(),
             input,
             registered: false,
+            bytes_in: 0,
         });
         if self.initialized {
             // Get the event loop to register the drained fd and offer held input.
@@ -669,6 +786,87 @@ impl Hub {
     pub fn writer(&self) -> HubWriter {
         HubWriter {
             shared: self.shared.clone(),
+            sent: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A frontend's writer: what it writes is counted under `name` in [`Hub::stats`].
+    pub fn writer_for(&mut self, name: &str) -> HubWriter {
+        let w = self.writer();
+        self.sent.push((name.to_string(), w.sent.clone()));
+        w
+    }
+
+    /// What went through the hub so far: per frontend, per backend, per socket listener.
+    pub fn stats(&self) -> HubStats {
+        let mut frontends: Vec<FrontendStats> = self
+            .sent
+            .iter()
+            .map(|(name, n)| FrontendStats {
+                name: name.clone(),
+                bytes_out: n.load(Ordering::Relaxed),
+                bytes_in: 0,
+            })
+            .collect();
+        for fe in &self.frontends {
+            match frontends.iter_mut().find(|f| f.name == fe.name) {
+                Some(f) => f.bytes_in += fe.bytes_in,
+                None => frontends.push(FrontendStats {
+                    name: fe.name.clone(),
+                    bytes_out: 0,
+                    bytes_in: fe.bytes_in,
+                }),
+            }
+        }
+        let mut backends = self.retired.clone();
+        backends.extend(
+            self.endpoints
+                .values()
+                .filter(|e| !matches!(e.kind, Kind::Client { .. }))
+                .map(|e| e.stats(if e.dead.is_some() { "closed" } else { "open" })),
+        );
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.has_ring {
+            backends.push(BackendStats {
+                name: "ring".into(),
+                bytes_out: self.history.total(),
+                dropped: 0,
+                bytes_in: 0,
+                state: "open",
+            });
+        }
+        let listeners = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let live = self
+                    .endpoints
+                    .values()
+                    .filter(|e| matches!(e.kind, Kind::Client { listener, .. } if listener == i));
+                let (mut written, mut typed, mut cut) = (l.gone_written, l.gone_typed, l.cut_off);
+                for e in live {
+                    written += e.written;
+                    typed += e.typed;
+                    cut += u64::from(e.cut_off);
+                }
+                ListenerStats {
+                    name: l.l.describe(),
+                    clients_seen: l.next_id - 1,
+                    clients_now: l.clients,
+                    clients_cut_off: cut,
+                    clients_refused: l.refused,
+                    bytes_out: written,
+                    bytes_in: typed,
+                }
+            })
+            .collect();
+        HubStats {
+            output_bytes: self.history.total(),
+            input_bytes: self.frontends.iter().map(|f| f.bytes_in).sum(),
+            frontends,
+            backends,
+            listeners,
         }
     }
 
@@ -995,6 +1193,7 @@ impl Hub {
         let Some(inp) = ep.input.as_mut() else {
             return;
         };
+        ep.typed += data.len() as u64;
         match &mut inp.mode {
             InMode::Discard => {}
             InMode::Plain => self.input.extend(data),
@@ -1071,6 +1270,7 @@ impl Hub {
             if n == 0 {
                 return;
             }
+            fe.bytes_in += n as u64;
             self.input.drain(..n);
         }
     }
@@ -1124,6 +1324,7 @@ impl Hub {
                     l.clients, l.spec.max_clients
                 );
                 let _ = port.write(msg.as_bytes());
+                l.refused += 1;
                 continue;
             }
             let id = l.next_id;
@@ -1191,9 +1392,15 @@ impl Hub {
             if let Some(Some(msg)) = ep.dead.take() {
                 log_line(&msg);
             }
+            if !matches!(ep.kind, Kind::Client { .. }) {
+                self.retired.push(ep.stats("closed"));
+            }
             if let Kind::Client { listener, .. } = ep.kind
                 && let Some(l) = self.listeners.get_mut(listener)
             {
+                l.cut_off += u64::from(ep.cut_off);
+                l.gone_written += ep.written;
+                l.gone_typed += ep.typed;
                 l.clients = l.clients.saturating_sub(1);
                 if l.holder == Some(t) {
                     l.holder = None;
@@ -1256,8 +1463,69 @@ impl Hub {
         }
     }
 
-    /// Called when the VMM stops: write out what is queued to lossless backends (bounded
-    /// time), flush files, remove socket files, restore the terminal. Idempotent.
+    /// Writes out what is queued to the terminal and to socket clients before the VM's
+    /// exit, so a CI log and every attached viewer end with the guest's last words.
+    /// It waits as long as they keep taking data (the terminal is lossless: a slow one
+    /// delays the exit, it does not truncate the log), and gives up on a consumer that
+    /// takes nothing for `shutdown_timeout` (the terminal) or 1 s (socket clients), or
+    /// after `shutdown_limit` in all.
+    fn flush_before_exit(&mut self) {
+        const CLIENT_IDLE: Duration = Duration::from_secs(1);
+        let start = Instant::now();
+        let mut progress = start;
+        let pending = |h: &Hub| -> usize { h.endpoints.values().map(Endpoint::pending).sum() };
+        for ep in self.endpoints.values_mut() {
+            ep.flush();
+        }
+        loop {
+            let waiting: Vec<(libc::pollfd, bool)> = self
+                .endpoints
+                .values()
+                .filter(|e| matches!(e.kind, Kind::Stdout | Kind::Client { .. }))
+                .filter(|e| e.pending() > 0)
+                .filter_map(|e| e.fd.map(|fd| (fd, e.kind == Kind::Stdout)))
+                .map(|(fd, stdout)| {
+                    let pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    (pfd, stdout)
+                })
+                .collect();
+            let idle_limit = if waiting.iter().any(|(_, stdout)| *stdout) {
+                self.cfg.shutdown_timeout
+            } else {
+                CLIENT_IDLE
+            };
+            let idle_left = idle_limit.saturating_sub(progress.elapsed());
+            if waiting.is_empty()
+                || idle_left.is_zero()
+                || start.elapsed() > self.cfg.shutdown_limit
+            {
+                return;
+            }
+            let mut pfds: Vec<libc::pollfd> = waiting.into_iter().map(|(p, _)| p).collect();
+            let timeout = idle_left.as_millis().min(200) as i32;
+            // SAFETY: `pfds` is a valid array of pollfds for its length; the timeout is
+            // bounded.
+            let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return;
+            }
+            let before = pending(self);
+            for ep in self.endpoints.values_mut() {
+                ep.flush();
+            }
+            if pending(self) < before {
+                progress = Instant::now();
+            }
+        }
+    }
+
+    /// Called when the VMM stops: write out what is queued to lossless backends and
+    /// socket clients (bounded time), flush files, remove socket files, restore the
+    /// terminal. Idempotent.
     pub fn shutdown(&mut self) {
         if self.shut {
             return;
@@ -1265,33 +1533,7 @@ impl Hub {
         self.shut = true;
         self.drain_writer();
         self.sweep(&mut NoReg);
-        let deadline = Instant::now() + self.cfg.shutdown_timeout;
-        for ep in self.endpoints.values_mut() {
-            ep.flush();
-            if ep.kind != Kind::Stdout {
-                continue;
-            }
-            while ep.pending() > 0 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                let Some(fd) = ep.fd else {
-                    break;
-                };
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; the timeout is bounded.
-                let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-                if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    break;
-                }
-                ep.flush();
-            }
-        }
+        self.flush_before_exit();
         for ep in self.endpoints.values_mut() {
             if ep.kind == Kind::File
                 && let Err(e) = ep.port.flush()

@@ -24,7 +24,10 @@ mod props;
 
 pub use attach::attach;
 pub use backend::BackendError;
-pub use hub::{FrontendInput, Hub, HubConfig, HubWriter};
+pub use hub::{
+    BackendStats, FrontendInput, FrontendStats, Hub, HubConfig, HubStats, HubWriter, ListenerStats,
+    Observer,
+};
 pub use spec::{CONSOLE_SPEC_HELP, ConsoleSpec, SpecError};
 pub use term::TermError;
 

@@ -60,6 +60,10 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 /// Ports the i8042 decodes (0x60..=0x64).
 pub const I8042_PORT_LEN: u16 = 5;
+/// The test-guest ports (`devices::debug_port`): 0xf4 exit code, 0xf5 boot timer.
+pub const DEBUG_PORT: u16 = 0xf4;
+/// Ports the test-guest device decodes.
+pub const DEBUG_PORT_LEN: u16 = 2;
 /// ACPI hardware-reduced sleep control register (S5 = power off).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI hardware-reduced sleep status register.
