@@ -29,11 +29,19 @@ use std::time::{Duration, Instant};
 type CaseFn = fn(&Ctx) -> Result<(), String>;
 
 mod cases_boot;
+mod cases_ci;
 mod cases_console;
 
 /// Every case, in run order.
 fn all_cases() -> Vec<(&'static str, CaseFn)> {
-    [cases_boot::CASES, cases_console::CASES, cases_boot::LAST].concat()
+    [
+        cases_boot::CASES,
+        cases_console::CASES,
+        cases_ci::CASES,
+        cases_ci::LAST,
+        cases_boot::LAST,
+    ]
+    .concat()
 }
 
 pub const INIT_MARK: &str = "microvm-guest: init reached";
@@ -548,6 +556,7 @@ fn main() {
         Mode::Inner => run_cases(&cases, filtered, true),
         Mode::Direct => {
             prepare_guest_on_host();
+            prepare_ci_example();
             run_cases(&cases, filtered, false)
         }
         Mode::Nested(why) => run_nested(&args, &cases, filtered, &why),
@@ -575,6 +584,40 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scripts")
         .join(name)
+}
+
+/// Where the worked CI example's test initramfs images are (`ci-pass.gz`, `ci-fail.gz`):
+/// `MICROVM_CI_EXAMPLE` (set to /rig inside the nested rig), else the cache.
+pub fn ci_example_dir() -> PathBuf {
+    env::var_os("MICROVM_CI_EXAMPLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_guest_dir().with_file_name("ci-example"))
+}
+
+/// Builds the worked example's two test initramfs images (docs/CI.md) on the host with
+/// examples/ci/make-initrd.sh, exactly as a user would. Returns their paths.
+fn prepare_ci_example() -> Vec<PathBuf> {
+    let dir = cache_guest_dir().with_file_name("ci-example");
+    let _ = std::fs::create_dir_all(&dir);
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ci");
+    let mut out = Vec::new();
+    for name in ["pass", "fail"] {
+        let img = dir.join(format!("ci-{name}.gz"));
+        let ok = Command::new("sh")
+            .arg(example.join("make-initrd.sh"))
+            .arg(example.join(format!("{name}.sh")))
+            .arg(&img)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!(
+                "boot: examples/ci/make-initrd.sh {name}.sh failed; the ci_worked_example case will fail"
+            );
+        }
+        out.push(img);
+    }
+    out
 }
 
 /// On the host, make sure the reference guest exists (guest.sh is instant when cached
@@ -698,6 +741,12 @@ fn run_nested(
         .env("MICROVM_BIN", microvm_bin())
         .arg("--payload")
         .arg(&exe);
+    for img in prepare_ci_example() {
+        if img.exists() {
+            cmd.arg("--payload").arg(img);
+        }
+    }
+    cmd.arg("--env").arg("MICROVM_CI_EXAMPLE=/rig");
     for var in [
         "MICROVM_TEST_TIMEOUT",
         "MICROVM_TEST_BUDGET",
