@@ -92,6 +92,10 @@ Boot, median of $N runs each, alternating:
 | QEMU | $qi | $qe | $qr | $(ok_count qemu)/$(runs qemu) |
 | microvm | $mi | $me | $mr | $(ok_count microvm)/$(runs microvm) |
 | ratio microvm/QEMU | $(ratio "$mi" "$qi") | $(ratio "$me" "$qe") | $(ratio "$mr" "$qr") | |
+
+"init reached" is when the VMM's stdout shows the init's marker line. microvm's own boot
+timer (\`--boot-timer\`: start -> the init's write to the boot-timer register, no console
+in the path), median: $(med microvm boot_timer_ms) ms.
 MD
 fi
 tput_rows() { # prefix bytes label

@@ -11,8 +11,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
-    COM1_PORT_LEN, DEBUG_PORT, DEBUG_PORT_LEN, I8042_PORT, I8042_PORT_LEN, VIRTIO_IRQ_BASE,
-    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    COM1_PORT_LEN, DEBUG_MMIO_SIZE, DEBUG_MMIO_START, DEBUG_PORT, DEBUG_PORT_LEN, I8042_PORT,
+    I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
@@ -270,20 +270,24 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
     Ok(())
 }
 
-/// Creates the legacy devices on the port-I/O bus.
+/// Creates the legacy devices on the port-I/O bus, and the test-guest device on both
+/// buses (ports 0xf4-0xf5 and an MMIO page).
 fn create_devices(
     vm: &Vm,
     exit: &ExitNotifier,
     consoles: &Consoles,
     timer: &Arc<BootTimer>,
+    mmio: &mut Bus,
 ) -> Result<Bus, BuildError> {
     let mut pio = Bus::new();
     create_uart(vm, consoles, &mut pio)?;
+    let debug = Arc::new(Mutex::new(DebugPort::new(exit.clone(), timer.clone())));
     pio.insert(
         u64::from(DEBUG_PORT),
         u64::from(DEBUG_PORT_LEN),
-        Arc::new(Mutex::new(DebugPort::new(exit.clone(), timer.clone()))),
+        debug.clone(),
     )?;
+    mmio.insert(DEBUG_MMIO_START, DEBUG_MMIO_SIZE, debug)?;
     pio.insert(
         u64::from(I8042_PORT),
         u64::from(I8042_PORT_LEN),
@@ -455,8 +459,8 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let checks = ConsoleChecks::new(&config.checks.expect, &config.checks.fail_on, exit.clone());
     let consoles = create_consoles(config, &exit, &checks)?;
     let timer = BootTimer::new(started);
-    let pio = create_devices(&vm, &exit, &consoles, &timer)?;
     let mut mmio = Bus::new();
+    let pio = create_devices(&vm, &exit, &consoles, &timer, &mut mmio)?;
     if config.virtio_console {
         create_virtio_console(&vm, &mem, &consoles, &mut mmio, &mut event_manager)?;
     }

@@ -19,16 +19,17 @@ Examples:
     microvm attach /tmp/microvm-<pid>.sock
 
   A CI test: pass when the guest prints ALL PASSED, fail on a panic or after 5 minutes,
-  keep the log and a JSON report (the guest may also exit with a code: see port 0xf4):
+  keep the log and a JSON report (the guest may also exit with a code, see below):
     microvm --kernel bzImage --initrd tests.gz --console mux:stdio,file=console.log \\
         --expect 'ALL PASSED' --fail-on 'Kernel panic' --timeout 5m --report report.json
 
-Test-guest ports: write a byte N to I/O port 0xf4 and microvm exits with status N
-(busybox: printf '\\003' | dd of=/dev/port bs=1 seek=244 count=1); write any byte to
-port 0xf5 when init is reached for --boot-timer (seek=245).
+Test-guest registers: write a byte N to physical address 0xc0000000 (or I/O port 0xf4)
+and microvm exits with status N, after flushing every console backend; write one to
+0xc0000001 (or port 0xf5) when init is reached, for --boot-timer. From busybox:
+  devmem 0xc0000001 8 1; ...; devmem 0xc0000000 8 $status
 
 Exit status: 0 guest powered off or rebooted, every --expect pattern appeared, or
-Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to port 0xf4; 121 the
+Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to its exit-code register; 121 the
 guest stopped before every --expect pattern appeared; 123 a --fail-on pattern appeared;
 124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
 
@@ -125,7 +126,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", help_heading = "Test guests (CI)")]
     pub timeout: Option<String>,
     /// Print the boot time on stderr at exit: from microvm's start to the guest's first
-    /// write to the boot-timer port 0xf5.
+    /// write to the boot-timer register (0xc0000001, or port 0xf5).
     #[arg(long, help_heading = "Test guests (CI)")]
     pub boot_timer: bool,
     /// Write a JSON summary to FILE at exit (exit reason and status, guest exit code,

@@ -35,7 +35,8 @@ pub enum ExitReason {
     Reset,
     /// The guest kernel panicked; the text is the panic line.
     GuestPanic(String),
-    /// The guest wrote this exit code to the exit-code port (0xf4).
+    /// The guest wrote this exit code to the exit-code register (port 0xf4 or MMIO
+    /// 0xc000_0000).
     GuestExit(u8),
     /// Every `--expect` pattern appeared on the console, in order.
     ExpectMet,
@@ -115,7 +116,7 @@ impl fmt::Display for ExitReason {
             ExitReason::PowerOff => write!(f, "guest powered off"),
             ExitReason::Reset => write!(f, "guest rebooted"),
             ExitReason::GuestPanic(line) => write!(f, "guest kernel panic: {line}"),
-            ExitReason::GuestExit(code) => write!(f, "guest exit code {code} (port 0xf4)"),
+            ExitReason::GuestExit(code) => write!(f, "guest exit code {code} (exit-code register)"),
             ExitReason::ExpectMet => write!(f, "every --expect pattern appeared"),
             ExitReason::ExpectUnmet {
                 matched,

@@ -58,11 +58,11 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
     if config.checks.boot_timer {
         match outcome.boot_time {
             Some(t) => eprintln!(
-                "microvm: boot time: {:.1} ms (microvm start to the guest's write to port 0xf5)",
+                "microvm: boot time: {:.1} ms (microvm start to the guest's boot-timer write)",
                 t.as_secs_f64() * 1000.0
             ),
             None => eprintln!(
-                "microvm: boot time: unknown: the guest never wrote to the boot-timer port 0xf5"
+                "microvm: boot time: unknown: the guest never wrote to the boot-timer register (0xc0000001 or port 0xf5)"
             ),
         }
     }

@@ -6,7 +6,7 @@
 //! ```json
 //! {
 //!   "microvm": "0.1.0",
-//!   "exit": { "reason": "guest-exit", "status": 3, "message": "guest exit code 3 (port 0xf4)" },
+//!   "exit": { "reason": "guest-exit", "status": 3, "message": "guest exit code 3 (exit-code register)" },
 //!   "guest_exit_code": 3,
 //!   "boot_time_ms": 812.4,
 //!   "wall_time_ms": 1630.2,

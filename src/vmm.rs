@@ -88,7 +88,8 @@ impl MutEventSubscriber for ExitWatcher {
 pub struct RunChecks {
     /// `--expect` / `--fail-on`.
     pub checks: ConsoleChecks,
-    /// Counts from microvm's start; the guest marks init reached on port 0xf5.
+    /// Counts from microvm's start; the guest marks init reached on its boot-timer
+    /// register (port 0xf5, MMIO 0xc000_0001).
     pub timer: Arc<BootTimer>,
     /// `--timeout`, counted from microvm's start.
     pub timeout: Option<Duration>,

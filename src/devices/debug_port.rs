@@ -1,17 +1,17 @@
-//! The test-guest ports: an exit-code port and a boot-timer port, for guests that run
-//! tests in CI.
+//! The test-guest device: an exit-code register and a boot-timer register, for guests
+//! that run tests in CI. Two windows onto the same registers:
 //!
-//! - `0xf4` (QEMU's isa-debug-exit habit): the guest writes a byte N; microvm stops the
-//!   VM, flushes every console backend and exits with status N.
-//! - `0xf5`: the guest writes any byte when its init is reached; microvm records the time
-//!   since its own start (the first write counts) for `--boot-timer` and `--report`.
+//! | register | I/O port | MMIO (physical) | a write of N |
+//! |---|---|---|---|
+//! | exit code | `0xf4` (QEMU's isa-debug-exit habit) | `0xc000_0000` | microvm stops the VM, flushes every console backend, exits with status N (its low byte) |
+//! | boot timer | `0xf5` | `0xc000_0001` | records the time since microvm's start (the first write counts) for `--boot-timer` and `--report` |
 //!
-//! From a busybox shell, no compiler needed (`/dev/port` writes each byte with `outb` at
-//! the file offset):
+//! From a busybox shell, no compiler needed: `devmem` writes physical memory through
+//! /dev/mem, which distro kernels allow for MMIO outside RAM (Debian's has no /dev/port):
 //!
 //! ```sh
-//! printf '\003' | dd of=/dev/port bs=1 seek=244 count=1   # exit with status 3
-//! printf x | dd of=/dev/port bs=1 seek=245 count=1        # boot timer: init reached
+//! devmem 0xc0000001 8 1          # boot timer: init reached
+//! devmem 0xc0000000 8 3          # exit with status 3
 //! ```
 
 use std::sync::{Arc, OnceLock};
@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use super::bus::BusDevice;
 use crate::exit::{ExitNotifier, ExitReason};
 
-/// Offset of the exit-code port (0xf4) in the device's range.
+/// Offset of the exit-code register (port 0xf4, MMIO 0xc000_0000) in the device's range.
 const EXIT_OFFSET: u64 = 0;
-/// Offset of the boot-timer port (0xf5).
+/// Offset of the boot-timer register (port 0xf5, MMIO 0xc000_0001).
 const BOOT_TIMER_OFFSET: u64 = 1;
 
 /// When the guest said its init was reached, counted from microvm's start.
@@ -57,7 +57,8 @@ impl BootTimer {
     }
 }
 
-/// The two ports at 0xf4..=0xf5.
+/// The exit-code and boot-timer registers (on the port bus at 0xf4, on the MMIO bus at
+/// 0xc000_0000).
 pub struct DebugPort {
     exit: ExitNotifier,
     timer: Arc<BootTimer>,

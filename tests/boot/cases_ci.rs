@@ -22,7 +22,7 @@ pub const CASES: &[(&str, CaseFn)] = &[
 /// With the crash cases at the end of the suite (see `cases_boot::LAST`).
 pub const LAST: &[(&str, CaseFn)] = &[("ci_fail_on_catches_a_panic", ci_fail_on_catches_a_panic)];
 
-/// The guest prints a marker and exits 3 through port 0xf4: microvm exits 3, and the
+/// The guest prints a marker and exits 3 through the exit-code register (devmem): microvm exits 3, and the
 /// marker reached the file log and a socket client before it did.
 fn ci_exit_code_flushes_every_backend(ctx: &Ctx) -> Result<(), String> {
     let dir = Scratch::new("ciexit")?;
@@ -32,7 +32,7 @@ fn ci_exit_code_flushes_every_backend(ctx: &Ctx) -> Result<(), String> {
         "--console",
         &spec,
         "--cmdline",
-        r#"mvcmd="echo LAST-$((40+2)); printf '\003' | dd of=/dev/port bs=1 seek=244 count=1""#,
+        r#"mvcmd="echo LAST-$((40+2)); devmem 0xc0000000 8 3""#,
     ])?;
     let client = Client::connect("viewer", &sock, vm.deadline).map_err(|e| vm.fail(&e))?;
     vm.wait_for(INIT_MARK)?;

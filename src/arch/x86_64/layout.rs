@@ -64,6 +64,12 @@ pub const I8042_PORT_LEN: u16 = 5;
 pub const DEBUG_PORT: u16 = 0xf4;
 /// Ports the test-guest device decodes.
 pub const DEBUG_PORT_LEN: u16 = 2;
+/// The same test-guest registers as an MMIO page at the start of the MMIO gap (byte 0
+/// exit code, byte 1 boot timer), for guests whose kernel has no /dev/port
+/// (`CONFIG_DEVPORT` unset, as in Debian's): busybox `devmem` writes it through /dev/mem.
+pub const DEBUG_MMIO_START: u64 = MMIO_GAP_START;
+/// Size of the test-guest MMIO window.
+pub const DEBUG_MMIO_SIZE: u64 = 0x1000;
 /// ACPI hardware-reduced sleep control register (S5 = power off).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI hardware-reduced sleep status register.
