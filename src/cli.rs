@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// event loop) then run on the remaining CPUs.
     #[arg(long, value_name = "CPUS")]
     pub vcpu_affinity: Option<String>,
+    /// Run without the seccomp filters (for debugging only). By default each vCPU thread
+    /// and the event loop may make only the syscalls they need, and any other ends
+    /// microvm with a one-line message naming the thread and the syscall (exit status 1).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -139,6 +144,7 @@ impl RunArgs {
                 Some(list) => config::parse_cpu_list(list, config::host_cpus())?,
                 None => Vec::new(),
             },
+            seccomp: !self.no_seccomp,
         })
     }
 }
@@ -217,6 +223,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn seccomp_on_unless_asked() {
+        let cfg = parse(&["--kernel", "k"]).unwrap().run.to_config().unwrap();
+        assert!(cfg.seccomp);
+        let cfg = parse(&["--kernel", "k", "--no-seccomp"])
+            .unwrap()
+            .run
+            .to_config()
+            .unwrap();
+        assert!(!cfg.seccomp);
     }
 
     #[test]

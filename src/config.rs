@@ -126,6 +126,9 @@ pub struct VmConfig {
     /// Host CPUs the vCPU threads run on (`--vcpu-affinity`); the VMM's other threads
     /// then run on the remaining CPUs. Empty: no pinning.
     pub vcpu_affinity: Vec<usize>,
+    /// Whether vCPU threads and the event loop run under their seccomp filters
+    /// (`--no-seccomp` turns them off).
+    pub seccomp: bool,
 }
 
 /// Parses a host CPU list such as `1`, `2-3,6` (sorted, without duplicates).

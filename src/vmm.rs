@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::mux::Hub;
+use crate::seccomp::{self, Filters, ThreadKind};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -89,6 +90,8 @@ pub struct Vmm {
     stop: StopFlag,
     exit: ExitNotifier,
     hubs: Vec<Arc<Mutex<Hub>>>,
+    /// The filters, when seccomp is on; the event loop installs its own in `run`.
+    seccomp: Option<Arc<Filters>>,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
     _vm: Vm,
     _memory: GuestMemory,
@@ -96,6 +99,7 @@ pub struct Vmm {
 
 impl Vmm {
     /// Wraps the parts the builder made.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
         vcpus: Vec<VcpuHandle>,
@@ -104,6 +108,7 @@ impl Vmm {
         consoles: Consoles,
         vm: Vm,
         memory: GuestMemory,
+        seccomp: Option<Arc<Filters>>,
     ) -> Vmm {
         install_signal_handlers(&exit);
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -116,13 +121,21 @@ impl Vmm {
             stop,
             exit,
             hubs: consoles.hubs,
+            seccomp,
             _vm: vm,
             _memory: memory,
         }
     }
 
     /// Runs the event loop until the VM ends; stops the vCPUs and returns why it ended.
+    /// The main thread runs under the event-loop seccomp filter from the start (when on).
     pub fn run(mut self) -> ExitReason {
+        if let Some(filters) = self.seccomp.take()
+            && let Err(e) = seccomp::install(&filters, ThreadKind::EventLoop, "event-loop")
+        {
+            self.exit.exit(ExitReason::Error(e.to_string()));
+        }
+        seccomp::test_violation(ThreadKind::EventLoop);
         while self.exit.reason().is_none() {
             if let Err(e) = self.event_manager.run_with_timeout(LOOP_TIMEOUT_MS) {
                 self.exit
