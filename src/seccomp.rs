@@ -254,21 +254,19 @@ pub fn event_loop_rules(pid: libc::pid_t) -> Rules {
     common_rules(pid, &mut rules)?;
     for nr in [
         libc::SYS_read,
-        libc::SYS_readv,
-        libc::SYS_writev,
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
         libc::SYS_poll,
         libc::SYS_ppoll,
         libc::SYS_timerfd_settime,
-        libc::SYS_timerfd_gettime,
         libc::SYS_accept4,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_getsockname,
         libc::SYS_setsockopt,
-        libc::SYS_shutdown,
+        // Log files: open/create, rotate, sync; socket files: remove. The older and the
+        // *at forms of each are listed as libc picks one or the other.
         libc::SYS_open,
         libc::SYS_openat,
         libc::SYS_rename,
@@ -281,21 +279,20 @@ pub fn event_loop_rules(pid: libc::pid_t) -> Rules {
         libc::SYS_newfstatat,
         libc::SYS_lstat,
         libc::SYS_stat,
-        libc::SYS_lseek,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
     ] {
         rules.insert(nr, Vec::new());
     }
-    // Terminal attributes and size, non-blocking accepted sockets (std uses FIONBIO).
+    // Restoring the terminal (tcsetattr(TCSAFLUSH) is TCSETSF then TCGETS), its size for
+    // hvc0 on SIGWINCH, non-blocking accepted sockets (std uses FIONBIO). Raw mode itself
+    // (TCSETS) is entered during set-up.
     rules.insert(
         libc::SYS_ioctl,
         any_of(
             1,
             &[
                 libc::TCGETS,
-                libc::TCSETS,
-                libc::TCSETSW,
                 libc::TCSETSF,
                 libc::TIOCGWINSZ,
                 libc::FIONBIO,
