@@ -31,6 +31,7 @@ use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET
 use crate::exit::ExitNotifier;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
+use crate::seccomp::{Filters, SeccompError};
 use crate::vmm::{Consoles, RunChecks, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{self, Buses, StopFlag};
@@ -71,6 +72,9 @@ pub enum BuildError {
     /// A console hub could not be set up (a socket path in use, a missing directory...).
     #[error(transparent)]
     Console(#[from] MuxError),
+    /// The seccomp filters could not be built or their SIGSYS handler installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -379,7 +383,9 @@ fn virtio_console_acpi() -> acpi::AcpiDevice {
     }
 }
 
-/// Creates and configures the vCPUs and starts their threads.
+/// Creates and configures the vCPUs and starts their threads (each installs its seccomp
+/// filter from `seccomp` before it first enters the guest).
+#[allow(clippy::too_many_arguments)]
 fn start_vcpus(
     kvm: &Kvm,
     vm: &Vm,
@@ -388,6 +394,7 @@ fn start_vcpus(
     buses: &Buses,
     exit: &ExitNotifier,
     stop: &StopFlag,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -421,6 +428,7 @@ fn start_vcpus(
             exit.clone(),
             stop.clone(),
             config.vcpu_affinity.clone(),
+            seccomp.cloned(),
         )?);
     }
     // The calling thread runs the event loop: keep it off the vCPUs' CPUs when others
@@ -466,7 +474,23 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     }
     let buses = Buses { pio, mmio };
     let stop = StopFlag::default();
-    let vcpus = start_vcpus(&kvm, &vm, config, entry, &buses, &exit, &stop)?;
+    // Everything is set up: from here on each thread may do only what its filter allows.
+    let seccomp = if config.seccomp {
+        crate::seccomp::install_sigsys_handler()?;
+        Some(Arc::new(Filters::build()?))
+    } else {
+        None
+    };
+    let vcpus = start_vcpus(
+        &kvm,
+        &vm,
+        config,
+        entry,
+        &buses,
+        &exit,
+        &stop,
+        seccomp.as_ref(),
+    )?;
     for hub in &consoles.hubs {
         event_manager.add_subscriber(hub.clone());
     }
@@ -482,5 +506,6 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
             timeout: config.checks.timeout,
         },
         (vm, mem),
+        seccomp,
     ))
 }

@@ -141,6 +141,11 @@ pub struct RunArgs {
         help_heading = "Test guests (CI)"
     )]
     pub tail_lines: usize,
+    /// Run without the seccomp filters (for debugging only). By default each vCPU thread
+    /// and the event loop may make only the syscalls they need, and any other ends
+    /// microvm with a one-line message naming the thread and the syscall (exit status 1).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -189,6 +194,7 @@ impl RunArgs {
                 None => Vec::new(),
             },
             checks: self.checks()?,
+            seccomp: !self.no_seccomp,
         })
     }
 
@@ -287,6 +293,18 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn seccomp_on_unless_asked() {
+        let cfg = parse(&["--kernel", "k"]).unwrap().run.to_config().unwrap();
+        assert!(cfg.seccomp);
+        let cfg = parse(&["--kernel", "k", "--no-seccomp"])
+            .unwrap()
+            .run
+            .to_config()
+            .unwrap();
+        assert!(!cfg.seccomp);
     }
 
     #[test]

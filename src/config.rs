@@ -145,6 +145,9 @@ pub struct VmConfig {
     pub vcpu_affinity: Vec<usize>,
     /// Pass/fail checks for test guests and what to report at the end.
     pub checks: Checks,
+    /// Whether vCPU threads and the event loop run under their seccomp filters
+    /// (`--no-seccomp` turns them off).
+    pub seccomp: bool,
 }
 
 /// What decides a test guest's verdict, and what microvm reports when it ends

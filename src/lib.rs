@@ -2,7 +2,8 @@
 //!
 //! Map: [`cli`] (clap) -> [`config`] (validated [`config::VmConfig`]) -> [`builder`] (one
 //! function per boot step) -> [`vmm`] (event loop, shutdown). KVM state lives in
-//! [`vstate`], x86 boot details in [`arch`], emulated devices in [`devices`].
+//! [`vstate`], x86 boot details in [`arch`], emulated devices in [`devices`]; per-thread
+//! seccomp filters in [`seccomp`].
 
 pub mod arch;
 pub mod builder;
@@ -14,5 +15,6 @@ pub mod exit;
 pub mod mux;
 pub mod panic_watch;
 pub mod report;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -13,6 +13,7 @@ use crate::console_checks::ConsoleChecks;
 use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::mux::{Hub, HubStats};
+use crate::seccomp::{self, Filters, ThreadKind};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -119,12 +120,15 @@ pub struct Vmm {
     exit: ExitNotifier,
     hubs: Vec<Arc<Mutex<Hub>>>,
     checks: RunChecks,
+    /// The filters, when seccomp is on; the event loop installs its own in `run`.
+    seccomp: Option<Arc<Filters>>,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
     _guest: (Vm, GuestMemory),
 }
 
 impl Vmm {
     /// Wraps the parts the builder made.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
         vcpus: Vec<VcpuHandle>,
@@ -133,6 +137,7 @@ impl Vmm {
         consoles: Consoles,
         checks: RunChecks,
         guest: (Vm, GuestMemory),
+        seccomp: Option<Arc<Filters>>,
     ) -> Vmm {
         install_signal_handlers(&exit);
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -146,12 +151,21 @@ impl Vmm {
             exit,
             hubs: consoles.hubs,
             checks,
+            seccomp,
             _guest: guest,
         }
     }
 
     /// Runs the event loop until the VM ends; stops the vCPUs and returns how it ended.
+    /// The main thread runs under the event-loop seccomp filter from the start (when on),
+    /// and stays under it afterwards (writing the report, exiting).
     pub fn run(mut self) -> Outcome {
+        if let Some(filters) = self.seccomp.take()
+            && let Err(e) = seccomp::install(&filters, ThreadKind::EventLoop, "event-loop")
+        {
+            self.exit.exit(ExitReason::Error(e.to_string()));
+        }
+        seccomp::test_violation(ThreadKind::EventLoop);
         while self.exit.reason().is_none() {
             let mut wait_ms = LOOP_TIMEOUT_MS;
             if let Some(limit) = self.checks.timeout {

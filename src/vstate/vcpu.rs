@@ -10,6 +10,7 @@ use vmm_sys_util::signal::{Killable, register_signal_handler};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -157,7 +158,8 @@ pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
     }
 }
 
-/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty.
+/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty, under the vCPU
+/// seccomp filter of `seccomp` when given (installed before the first `KVM_RUN`).
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
@@ -165,6 +167,7 @@ pub fn spawn(
     exit: ExitNotifier,
     stop: StopFlag,
     cpus: Vec<usize>,
+    seccomp: Option<Arc<Filters>>,
 ) -> Result<VcpuHandle, VcpuError> {
     let done = Arc::new(AtomicBool::new(false));
     let done_thread = done.clone();
@@ -176,6 +179,15 @@ pub fn spawn(
                     "vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned"
                 ));
             }
+            if let Some(filters) = seccomp {
+                let label = format!("vcpu{id}");
+                if let Err(e) = crate::seccomp::install(&filters, ThreadKind::Vcpu, &label) {
+                    exit.exit(ExitReason::Error(format!("vCPU {id}: {e}")));
+                    done_thread.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            crate::seccomp::test_violation(ThreadKind::Vcpu);
             while !stop.is_set() {
                 let action = match vcpu.run() {
                     Ok(exit) => handle_exit(exit, &buses, id),
