@@ -56,7 +56,7 @@ pub enum ConfigError {
         host_mib: u64,
     },
     /// A console spec does not parse.
-    #[error("--{option} {spec}: {source}")]
+    #[error("--{option} {}: {source}", crate::mux::spec::one_line(spec))]
     Console {
         /// `console` or `serial`.
         option: &'static str,

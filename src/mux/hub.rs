@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub mod fuzzing;
+
 const TOK_WAKE: u32 = 0;
 const TOK_STDIN: u32 = 1;
 const TOK_STDOUT: u32 = 2;
@@ -591,10 +593,10 @@ impl Hub {
                     return Err(super::spec::SpecError::TooMany(self.listeners.len() + 1).into());
                 }
                 let l = match &s.listen {
-                    Listen::Unix(Some(p)) => socket::bind_unix(p)?,
+                    Listen::Unix(Some(p)) => socket::bind_unix(p, s.mode)?,
                     Listen::Unix(None) => {
                         let p = socket::default_socket_path();
-                        let l = socket::bind_unix(&p)?;
+                        let l = socket::bind_unix(&p, s.mode)?;
                         log_line(&format!("console socket: {}", p.display()));
                         l
                     }
