@@ -98,6 +98,7 @@ impl BuildError {
         matches!(
             self,
             BuildError::Config(_)
+                | BuildError::Console(MuxError::StdioTaken)
                 | BuildError::Boot(
                     boot::BootError::CmdlineTooLong { .. } | boot::BootError::InitrdTooLarge { .. }
                 )

@@ -522,9 +522,15 @@ impl Hub {
     pub fn with_config(spec: &ConsoleSpec, exit: EventFd, cfg: HubConfig) -> Result<Hub, MuxError> {
         let history = spec.ring_size().unwrap_or(cfg.history);
         let mut hub = Hub::bare(exit, cfg, history)?;
-        // On error `hub` drops and `shutdown` undoes what was set up so far.
+        // On error `hub` drops and `shutdown` undoes what was set up so far (socket
+        // files); log files it created are removed here.
         for b in &spec.backends {
-            hub.add_backend(b)?;
+            if let Err(e) = hub.add_backend(b) {
+                for ep in hub.endpoints.values_mut() {
+                    ep.port.discard();
+                }
+                return Err(e);
+            }
         }
         Ok(hub)
     }
