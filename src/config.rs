@@ -233,6 +233,17 @@ pub fn check_memory(given: &str, bytes: u64, host_bytes: Option<u64>) -> Result<
     Ok(bytes)
 }
 
+/// Checks the vCPU count against what the host's KVM supports (`KVM_CAP_MAX_VCPUS`).
+pub fn check_vcpus(vcpus: u8, kvm_max: usize) -> Result<(), ConfigError> {
+    if usize::from(vcpus) > kvm_max {
+        return Err(ConfigError::TooManyVcpus {
+            given: u16::from(vcpus),
+            max: kvm_max,
+        });
+    }
+    Ok(())
+}
+
 /// The host's RAM from /proc/meminfo, if readable.
 pub fn host_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -309,6 +320,16 @@ mod tests {
             Err(ConfigError::MemoryBeyondHost { host_mib: 1024, .. })
         ));
         assert_eq!(check_memory("64M", 64 << 20, Some(1 << 30)), Ok(64 << 20));
+    }
+
+    #[test]
+    fn vcpus_over_the_kvm_limit() {
+        assert_eq!(check_vcpus(4, 4), Ok(()));
+        let e = check_vcpus(5, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--vcpus 5: this host's KVM supports at most 4"
+        );
     }
 
     #[test]

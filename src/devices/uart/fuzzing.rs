@@ -124,12 +124,12 @@ pub fn run(data: &[u8]) -> Outcome {
                 let off = u64::from(off % 10);
                 u.write(off, &[val]);
                 match off {
-                    0 if !m.dlab && m.looping => {
-                        if m.fifo.len() < FIFO {
-                            m.fifo.push_back(val);
-                            o.looped += 1;
-                        }
+                    // Loopback: back into the FIFO if it has room, else lost.
+                    0 if !m.dlab && m.looping && m.fifo.len() < FIFO => {
+                        m.fifo.push_back(val);
+                        o.looped += 1;
                     }
+                    0 if !m.dlab && m.looping => {}
                     0 if !m.dlab => m.out.push(val),
                     3 => m.dlab = val & LCR_DLAB != 0,
                     4 => m.looping = val & MCR_LOOP != 0,

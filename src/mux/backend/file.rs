@@ -312,6 +312,33 @@ mod tests {
     }
 
     #[test]
+    fn copytruncate_underneath_leaves_no_hole() {
+        let d = tmpdir("copytruncate");
+        let p = d.join("log");
+        let mut f = FilePort::open(&spec(p.clone())).unwrap();
+        f.write(b"before rotation\n").unwrap();
+        // logrotate's copytruncate: copy away, then truncate in place.
+        std::fs::copy(&p, d.join("log.1")).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        f.write(b"after\n").unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"after\n",
+            "append mode: no hole"
+        );
+        assert_eq!(
+            std::fs::read(d.join("log.1")).unwrap(),
+            b"before rotation\n"
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
     fn discard_removes_only_a_file_it_created_empty() {
         let d = tmpdir("discard");
         let fresh = d.join("fresh");
