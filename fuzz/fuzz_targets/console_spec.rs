@@ -1,5 +1,5 @@
-//! The console-spec parser (the values of --console and --serial).
-//! (input format and properties: `microvm::mux::spec::fuzzing`).
+//! The console-spec parser, the values of --console and --serial (input format and
+//! properties: `microvm::mux::spec::fuzzing`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

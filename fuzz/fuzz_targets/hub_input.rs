@@ -1,5 +1,5 @@
-//! Input chunks from several sources through the hub's input serializer and the Ctrl-A escape parser.
-//! (input format and properties: `microvm::mux::hub::fuzzing`).
+//! Input chunks from several sources through the hub's input serializer and the Ctrl-A
+//! escape parser (input format and properties: `microvm::mux::hub::fuzzing`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
