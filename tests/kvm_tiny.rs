@@ -442,8 +442,12 @@ fn lines(s: &str) -> Vec<&str> {
 }
 
 #[test]
-fn sigterm_and_sigint_stop_cleanly_with_128_plus_n() {
-    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+fn sigterm_sigint_and_sighup_stop_cleanly_with_128_plus_n() {
+    for (sig, code) in [
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGHUP, 129),
+    ] {
         let d = scratch(&format!("sig{sig}"));
         let sock = d.join("c.sock");
         let log = d.join("console.log");
