@@ -224,6 +224,12 @@ fn missing_unreadable_and_garbage_kernels() {
 }
 
 #[test]
+fn paths_with_control_characters_stay_on_one_line() {
+    let o = microvm(&["--kernel", "/nonexistent/a\nb\x1b[2J"]);
+    assert_error(&o, 1, "cannot read kernel /nonexistent/a\\nb\\u{1b}[2J");
+}
+
+#[test]
 fn initrd_larger_than_memory() {
     let k = fake_bzimage();
     let rd = tmp("big-initrd");
