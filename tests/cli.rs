@@ -380,12 +380,24 @@ fn kernel_fifo_device_and_directory_do_not_hang() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-/// Runs microvm as user `nobody` (when the tests run as root, as CI does) or as is.
-fn as_unprivileged(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let mut cmd = Command::new(MICROVM);
-    cmd.args(args).envs(env.iter().copied());
+/// Runs microvm as user `nobody` (when the tests run as root, as CI does) or as is. As
+/// `nobody` it runs a copy in `dir` (0755): the build tree may not be reachable for it.
+fn as_unprivileged(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let root = unsafe { libc::geteuid() } == 0;
+    let bin = if root {
+        let copy = dir.join("microvm");
+        if !copy.exists() {
+            std::fs::copy(MICROVM, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    } else {
+        PathBuf::from(MICROVM)
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(args).envs(env.iter().copied());
+    if root {
         cmd.uid(65534).gid(65534);
     }
     run_bounded(cmd)
@@ -408,7 +420,7 @@ fn unreadable_kernel_and_no_permission_on_kvm() {
     } else {
         vec![("MICROVM_KVM_DEVICE", denied.to_str().unwrap())]
     };
-    let o = as_unprivileged(&["--kernel", "k"], &env);
+    let o = as_unprivileged(&d, &["--kernel", "k"], &env);
     assert_error(&o, 1, "Permission denied");
     assert!(o.stderr.contains("cannot open"), "{}", o.stderr);
 
@@ -427,7 +439,7 @@ fn unreadable_kernel_and_no_permission_on_kvm() {
         std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
         env.push(("MICROVM_KVM_DEVICE", node.to_str().unwrap()));
     }
-    let o = as_unprivileged(&["--kernel", kernel.to_str().unwrap()], &env);
+    let o = as_unprivileged(&d, &["--kernel", kernel.to_str().unwrap()], &env);
     assert_error(&o, 1, "cannot read kernel");
     assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
     let _ = std::fs::remove_dir_all(d);
