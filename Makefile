@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all deps guest build test run bench fmt clippy fuzz
+.PHONY: all deps guest build test run bench fmt clippy fuzz fuzz-smoke
 
 all: build
 
@@ -18,8 +18,9 @@ build:
 	$(CARGO) build --release
 
 # All tiers; tests/boot.rs re-runs itself inside the nested rig when the host KVM cannot
-# boot ordinary kernels (scripts/kvm-mode.sh).
-test: guest
+# boot ordinary kernels (scripts/kvm-mode.sh). The fuzz smoke runs first so that cargo
+# test's summary closes the output.
+test: guest fuzz-smoke
 	$(CARGO) test --release
 
 # Guest console on this terminal (direct, or nested with --interactive). MICROVM_ARGS
@@ -39,3 +40,9 @@ clippy:
 # Every cargo-fuzz target for FUZZ_SECONDS each (default 60); crashes fail the run.
 fuzz:
 	scripts/fuzz.sh $${FUZZ_SECONDS:-60}
+
+# CI smoke: every target, unoptimized build, FUZZ_SMOKE_SECONDS each (default 5), so the
+# targets keep building and running (docs/RELIABILITY.md); FUZZ_SMOKE_SECONDS=0 skips it.
+fuzz-smoke:
+	@if [ "$${FUZZ_SMOKE_SECONDS:-5}" = 0 ]; then echo "fuzz smoke skipped"; \
+	else FUZZ_PROFILE=dev scripts/fuzz.sh $${FUZZ_SMOKE_SECONDS:-5}; fi

@@ -3,6 +3,9 @@
 #
 # usage: scripts/fuzz.sh [SECONDS] [TARGET...]
 #
+# FUZZ_PROFILE=dev builds the targets unoptimized (with overflow checks): a quicker build
+# for the short smoke `make test` runs; the default is cargo-fuzz's optimized build.
+#
 # Only the stable toolchain exists on the project's machines: cargo-fuzz needs nightly
 # flags (-Zsanitizer=address, -Cpasses=sancov-module), which stable rustc accepts with
 # RUSTC_BOOTSTRAP=1. cargo-fuzz itself is installed from crates.io when missing.
@@ -21,6 +24,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1
 
+profile=()
+case "${FUZZ_PROFILE:-release}" in
+    dev) profile=(--dev) ;;
+    release) ;;
+    *) echo "fuzz.sh: FUZZ_PROFILE must be dev or release, got '$FUZZ_PROFILE'" >&2; exit 2 ;;
+esac
+
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/microvm-fuzz.XXXXXX")
@@ -29,9 +39,9 @@ trap 'rm -rf "$scratch"' EXIT
 status=0
 for t in "${targets[@]}"; do
     echo "fuzz.sh: $t for ${secs}s" >&2
-    cargo fuzz build "$t"
+    cargo fuzz build "${profile[@]}" "$t"
     mkdir -p "$scratch/$t"
-    if ! cargo fuzz run "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
+    if ! cargo fuzz run "${profile[@]}" "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -max_len=4096 -print_final_stats=1; then
         echo "fuzz.sh: $t FAILED; reproducer(s) in fuzz/artifacts/$t/" >&2
         status=1

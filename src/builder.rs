@@ -105,6 +105,7 @@ impl BuildError {
         matches!(
             self,
             BuildError::Config(_)
+                | BuildError::Console(MuxError::StdioTaken)
                 | BuildError::Boot(
                     boot::BootError::CmdlineTooLong { .. } | boot::BootError::InitrdTooLarge { .. }
                 )
@@ -143,14 +144,7 @@ fn check_pvm(boot: &BootSource) -> Result<(), BuildError> {
 /// Opens KVM and checks the configuration against what it supports.
 fn open_kvm(config: &VmConfig) -> Result<Kvm, BuildError> {
     let kvm = vm::open_kvm()?;
-    let max = kvm.get_max_vcpus();
-    if usize::from(config.vcpus) > max {
-        return Err(ConfigError::TooManyVcpus {
-            given: u16::from(config.vcpus),
-            max,
-        }
-        .into());
-    }
+    crate::config::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
     Ok(kvm)
 }
 

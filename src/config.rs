@@ -40,16 +40,22 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A size could not be parsed.
-    #[error("invalid size '{0}': use a number with an optional K, M, G or T suffix, e.g. 256M")]
+    #[error(
+        "invalid size '{}': use a number with an optional K, M, G or T suffix, e.g. 256M",
+        crate::mux::spec::one_line(.0)
+    )]
     BadSize(String),
     /// Memory below the minimum.
-    #[error("--memory {0}: too small; give at least 16M")]
+    #[error("--memory {}: too small; give at least 16M", crate::mux::spec::one_line(.0))]
     MemoryTooSmall(String),
     /// Memory not page-aligned.
-    #[error("--memory {0}: not a multiple of 4K")]
+    #[error("--memory {}: not a multiple of 4K", crate::mux::spec::one_line(.0))]
     MemoryUnaligned(String),
     /// Memory beyond the host's RAM.
-    #[error("--memory {given}: more than this host's {host_mib} MiB of RAM")]
+    #[error(
+        "--memory {}: more than this host's {host_mib} MiB of RAM",
+        crate::mux::spec::one_line(given)
+    )]
     MemoryBeyondHost {
         /// What the user gave.
         given: String,
@@ -57,7 +63,7 @@ pub enum ConfigError {
         host_mib: u64,
     },
     /// A console spec does not parse.
-    #[error("--{option} {spec}: {source}")]
+    #[error("--{option} {}: {source}", crate::mux::spec::one_line(spec))]
     Console {
         /// `console` or `serial`.
         option: &'static str,
@@ -285,19 +291,27 @@ pub fn parse_console(option: &'static str, spec: &str) -> Result<ConsoleSpec, Co
     })
 }
 
-/// Parses sizes like `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`.
+/// Parses sizes like `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`,
+/// `16777216B` (bytes).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let bad = || ConfigError::BadSize(s.to_string());
     let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
+    // "iB" needs a multiplier before it (KiB); a bare "B" means bytes.
+    let (t, bytes_unit, needs_multiplier) = if let Some(rest) = t.strip_suffix("iB") {
+        (rest, false, true)
+    } else if let Some(rest) = t.strip_suffix('B') {
+        (rest, true, false)
+    } else {
+        (t, false, false)
+    };
     let (digits, shift) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 20),
         Some('G' | 'g') => (&t[..t.len() - 1], 30),
         Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ if needs_multiplier => return Err(bad()),
+        _ if bytes_unit => (t, 0),
+        // A plain number is MiB.
         _ => (t, 20),
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -322,6 +336,17 @@ pub fn check_memory(given: &str, bytes: u64, host_bytes: Option<u64>) -> Result<
         });
     }
     Ok(bytes)
+}
+
+/// Checks the vCPU count against what the host's KVM supports (`KVM_CAP_MAX_VCPUS`).
+pub fn check_vcpus(vcpus: u8, kvm_max: usize) -> Result<(), ConfigError> {
+    if usize::from(vcpus) > kvm_max {
+        return Err(ConfigError::TooManyVcpus {
+            given: u16::from(vcpus),
+            max: kvm_max,
+        });
+    }
+    Ok(())
 }
 
 /// The host's RAM from /proc/meminfo, if readable.
@@ -416,7 +441,9 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("512"), Ok(512 << 20));
         assert_eq!(parse_size("4096k"), Ok(4 << 20));
-        for bad in ["", "M", "-1M", "1.5G", "12X", "99999999999999T"] {
+        assert_eq!(parse_size("16777216B"), Ok(16 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        for bad in ["", "M", "-1M", "1.5G", "12X", "99999999999999T", "1iB", "B"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
@@ -436,6 +463,16 @@ mod tests {
             Err(ConfigError::MemoryBeyondHost { host_mib: 1024, .. })
         ));
         assert_eq!(check_memory("64M", 64 << 20, Some(1 << 30)), Ok(64 << 20));
+    }
+
+    #[test]
+    fn vcpus_over_the_kvm_limit() {
+        assert_eq!(check_vcpus(4, 4), Ok(()));
+        let e = check_vcpus(5, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--vcpus 5: this host's KVM supports at most 4"
+        );
     }
 
     #[test]

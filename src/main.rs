@@ -7,6 +7,8 @@ use clap::Parser;
 use microvm::cli::{Cli, Command};
 use microvm::config::{Checks, VmConfig};
 use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE, ExitReason};
+// Errors quote paths and values as given: one line on stderr whatever they contain.
+use microvm::mux::spec::one_line;
 use microvm::report;
 use microvm::vmm::Outcome;
 
@@ -15,7 +17,7 @@ fn main() {
     let cli = Cli::parse();
     if let Some(Command::Attach { socket, read_only }) = cli.command {
         let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
-            eprintln!("microvm: {e}");
+            eprintln!("microvm: {}", one_line(&e.to_string()));
             EXIT_RUNTIME_ERROR
         });
         std::process::exit(code);
@@ -27,14 +29,14 @@ fn main() {
     let config = match cli.run.to_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("microvm: {e}");
+            eprintln!("microvm: {}", one_line(&e.to_string()));
             std::process::exit(EXIT_USAGE);
         }
     };
     let vmm = match microvm::builder::build(&config, started) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("microvm: {e}");
+            eprintln!("microvm: {}", one_line(&e.to_string()));
             let code = if e.is_usage() {
                 EXIT_USAGE
             } else {
@@ -47,7 +49,7 @@ fn main() {
     let outcome = vmm.run();
     let code = outcome.reason.exit_code();
     if code != 0 {
-        eprintln!("microvm: {}", outcome.reason);
+        eprintln!("microvm: {}", one_line(&outcome.reason.to_string()));
     }
     show_outcome(&config, &outcome);
     finish(&config.checks, &outcome.reason, code, Some(&outcome));
@@ -88,7 +90,7 @@ fn finish(checks: &Checks, reason: &ExitReason, code: i32, outcome: Option<&Outc
     if let Some(path) = &checks.report {
         let text = report::render(checks, reason, code, outcome);
         if let Err(e) = report::write_atomic(path, &text) {
-            eprintln!("microvm: {e}");
+            eprintln!("microvm: {}", one_line(&e.to_string()));
             if code == 0 {
                 std::process::exit(EXIT_RUNTIME_ERROR);
             }

@@ -1,8 +1,11 @@
 //! The real binary's command line: every bad input gets one clear line on stderr and the
 //! documented exit status (2 usage, 1 runtime), with no panic and no hang.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const MICROVM: &str = env!("CARGO_BIN_EXE_microvm");
 
@@ -17,16 +20,47 @@ fn microvm(args: &[&str]) -> Out {
 }
 
 fn microvm_env(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let out = Command::new(MICROVM)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
+    let mut cmd = Command::new(MICROVM);
+    cmd.args(args).envs(env.iter().copied());
+    run_bounded(cmd)
+}
+
+/// Runs `cmd` (stdin /dev/null) and fails the test if it does not end within 30 s: no
+/// bad input may make microvm hang.
+fn run_bounded(mut cmd: Command) -> Out {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut v).unwrap();
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut v).unwrap();
+        v
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("microvm hung: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     Out {
-        code: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        code: status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&err.join().unwrap()).into_owned(),
+        stdout: String::from_utf8_lossy(&out.join().unwrap()).into_owned(),
     }
 }
 
@@ -46,6 +80,31 @@ fn assert_error(o: &Out, code: i32, needle: &str) {
     }
 }
 
+/// A fresh empty directory for one test.
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("microvm-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A tiny real-mode guest that powers off at once (ACPI S5): reaches console set-up.
+fn poweroff_image(dir: &Path) -> PathBuf {
+    let p = dir.join("poweroff.bin");
+    std::fs::write(&p, [0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4]).unwrap();
+    p
+}
+
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("microvm-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -55,6 +114,12 @@ fn tmp(name: &str) -> PathBuf {
 /// A syntactically valid 64-bit bzImage header with a tiny payload: enough for the loader
 /// to place it, so that the checks after loading (initrd, command line) can be reached.
 fn fake_bzimage() -> PathBuf {
+    let p = tmp("fake-bzImage");
+    std::fs::write(&p, fake_bzimage_bytes()).unwrap();
+    p
+}
+
+fn fake_bzimage_bytes() -> Vec<u8> {
     let mut img = vec![0u8; 5 * 512 + 4096];
     img[0x1f1] = 4; // setup_sects
     img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
@@ -66,9 +131,7 @@ fn fake_bzimage() -> PathBuf {
     img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
     img[0x238..0x23c].copy_from_slice(&255u32.to_le_bytes()); // cmdline_size
     img[0x260..0x264].copy_from_slice(&(4u32 << 20).to_le_bytes()); // init_size
-    let p = tmp("fake-bzImage");
-    std::fs::write(&p, img).unwrap();
-    p
+    img
 }
 
 #[test]
@@ -161,6 +224,12 @@ fn missing_unreadable_and_garbage_kernels() {
 }
 
 #[test]
+fn paths_with_control_characters_stay_on_one_line() {
+    let o = microvm(&["--kernel", "/nonexistent/a\nb\x1b[2J"]);
+    assert_error(&o, 1, "cannot read kernel /nonexistent/a\\nb\\u{1b}[2J");
+}
+
+#[test]
 fn initrd_larger_than_memory() {
     let k = fake_bzimage();
     let rd = tmp("big-initrd");
@@ -199,4 +268,334 @@ fn missing_kvm_device() {
         &[("MICROVM_KVM_DEVICE", "/nonexistent/kvm")],
     );
     assert_error(&o, 1, "cannot open /nonexistent/kvm");
+}
+
+#[test]
+fn wrong_types_missing_values_and_unknown_options() {
+    for args in [
+        &["--kernel", "k", "--memory"][..],
+        &["--kernel", "k", "--vcpus", "1.5"],
+        &["--kernel", "k", "--vcpus", "-1"],
+        &["--kernel", "k", "--console"],
+        &["--kernel"],
+        &["--kernel", "k", "--no-such-option"],
+        &["--kernel", "k", "--no-virtio-console=yes"],
+        &["attach"],
+    ] {
+        let o = microvm(args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.starts_with("error:"), "{args:?}: {}", o.stderr);
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    }
+}
+
+#[test]
+fn conflicting_options() {
+    let o = microvm(&["--real-mode-image", "x", "--initrd", "y"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("cannot be used with"), "{}", o.stderr);
+    let o = microvm(&["--kernel", "k", "attach", "/tmp/s.sock"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
+#[test]
+fn bad_console_specs_are_usage_errors() {
+    let long = format!("sock=/tmp/{}", "x".repeat(120));
+    for (opt, spec, needle) in [
+        (
+            "--console",
+            "mux:stdio,bogus",
+            "unknown console backend 'bogus'",
+        ),
+        ("--console", "", "empty console spec"),
+        ("--console", "mux:", "empty console spec"),
+        ("--serial", "  ", "empty console spec"),
+        (
+            "--console",
+            "mux:stdio,stdio",
+            "duplicate console backend 'stdio'",
+        ),
+        ("--console", "stdio,ring", "need the 'mux:' prefix"),
+        ("--console", "ring=0", "bad size '0'"),
+        ("--console", "sock:max-clients=0", "max-clients=0"),
+        ("--console", "sock:mode=999", "mode=999"),
+        ("--console", "tcp=nowhere:1", "bad tcp address"),
+        ("--console", &long, "is too long (125 bytes, at most 107)"),
+        // Control characters are shown escaped: still one line.
+        (
+            "--console",
+            "mux:stdio,bo\ngus\x1b[2J",
+            "unknown console backend 'bo\\ngus\\u{1b}[2J'",
+        ),
+    ] {
+        let o = microvm(&["--kernel", "k", opt, spec]);
+        assert_error(&o, 2, needle);
+        assert!(
+            o.stderr.starts_with(&format!("microvm: {opt} ")),
+            "{}",
+            o.stderr
+        );
+    }
+}
+
+#[test]
+fn stdio_on_two_consoles_is_a_usage_error() {
+    let d = tmpdir("stdio2");
+    let img = poweroff_image(&d);
+    let o = microvm(&[
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        "stdio",
+        "--serial",
+        "mux:ring,stdio",
+    ]);
+    assert_error(&o, 2, "stdio is already used by another console");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn kernel_fifo_device_and_directory_do_not_hang() {
+    let d = tmpdir("fifo");
+    let fifo = d.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let f = fifo.to_str().unwrap();
+    for args in [
+        &["--kernel", f][..],
+        &["--kernel", "/dev/zero"],
+        &["--kernel", "/dev/null"],
+        &["--kernel", d.to_str().unwrap()],
+        &["--real-mode-image", f],
+        &["--real-mode-image", "/dev/zero"],
+    ] {
+        assert_error(&microvm(args), 1, "not a regular file");
+    }
+    let k = fake_bzimage();
+    for rd in [f, "/dev/zero"] {
+        let o = microvm(&["--kernel", k.to_str().unwrap(), "--initrd", rd]);
+        assert_error(&o, 1, "not a regular file");
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Runs microvm as user `nobody` (when the tests run as root, as CI does) or as is. As
+/// `nobody` it runs a copy in `dir` (0755): the build tree may not be reachable for it.
+fn as_unprivileged(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bin = if root {
+        let copy = dir.join("microvm");
+        if !copy.exists() {
+            std::fs::copy(MICROVM, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    } else {
+        PathBuf::from(MICROVM)
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(args).envs(env.iter().copied());
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    run_bounded(cmd)
+}
+
+#[test]
+fn unreadable_kernel_and_no_permission_on_kvm() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let d = tmpdir("perm");
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // No permission on the KVM device: the real /dev/kvm for an unprivileged user when it
+    // is root-only (as on the project's machines), else a device path nobody may open.
+    let kvm_mode = std::fs::metadata("/dev/kvm").map(|m| m.permissions().mode() & 0o006);
+    let denied = d.join("kvm-denied");
+    std::fs::write(&denied, b"").unwrap();
+    std::fs::set_permissions(&denied, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let env: Vec<(&str, &str)> = if root && kvm_mode.is_ok_and(|m| m == 0) {
+        vec![]
+    } else {
+        vec![("MICROVM_KVM_DEVICE", denied.to_str().unwrap())]
+    };
+    let o = as_unprivileged(&d, &["--kernel", "k"], &env);
+    assert_error(&o, 1, "Permission denied");
+    assert!(o.stderr.contains("cannot open"), "{}", o.stderr);
+
+    // An unreadable kernel, past a KVM device the user may open.
+    let kernel = d.join("bzImage");
+    std::fs::write(&kernel, fake_bzimage_bytes()).unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut env = Vec::new();
+    let node = d.join("kvm");
+    if root {
+        // A KVM device node of our own that the unprivileged user may open.
+        let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: mknod with a valid path; 10:232 is /dev/kvm.
+        let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(10, 232)) };
+        assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
+        env.push(("MICROVM_KVM_DEVICE", node.to_str().unwrap()));
+    }
+    let o = as_unprivileged(&d, &["--kernel", kernel.to_str().unwrap()], &env);
+    assert_error(&o, 1, "cannot read kernel");
+    assert!(o.stderr.contains("Permission denied"), "{}", o.stderr);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn truncated_and_empty_kernels() {
+    let d = tmpdir("trunc");
+    let mut bz = fake_bzimage_bytes();
+    bz[0x1f4..0x1f8].copy_from_slice(&(4096u32 / 16).to_le_bytes()); // syssize
+    let elf_header = {
+        let mut h = vec![0u8; 64];
+        h[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\0");
+        h[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        h[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+        h[20..24].copy_from_slice(&1u32.to_le_bytes());
+        h[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+        h[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        h[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        h[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        h[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        h
+    };
+    let mut elf_past_eof = elf_header.clone();
+    let mut ph = vec![0u8; 56];
+    ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset, past the end
+    ph[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+    ph[32..40].copy_from_slice(&0x10_0000u64.to_le_bytes()); // filesz
+    ph[40..48].copy_from_slice(&0x10_0000u64.to_le_bytes()); // memsz
+    elf_past_eof.extend_from_slice(&ph);
+    for (name, bytes, needle) in [
+        ("bz-empty", Vec::new(), "the file is empty"),
+        ("bz-header-cut", bz[..0x203].to_vec(), "no bzImage header"),
+        ("bz-setup-cut", bz[..0x300].to_vec(), "bzImage"),
+        (
+            "bz-no-kernel",
+            bz[..5 * 512].to_vec(),
+            "truncated: no kernel after the setup code",
+        ),
+        (
+            "bz-kernel-cut",
+            bz[..5 * 512 + 2000].to_vec(),
+            "truncated: 2000 bytes of kernel",
+        ),
+        ("elf-magic-only", b"\x7fELF".to_vec(), "ELF"),
+        ("elf-header-only", elf_header.clone(), "ELF"),
+        ("elf-segment-past-eof", elf_past_eof, "ELF"),
+    ] {
+        let p = d.join(name);
+        std::fs::write(&p, &bytes).unwrap();
+        let o = microvm(&["--kernel", p.to_str().unwrap(), "--memory", "64M"]);
+        assert_error(&o, 1, needle);
+        assert!(
+            o.stderr.contains("not a loadable x86_64"),
+            "{name}: {}",
+            o.stderr
+        );
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn odd_memory_sizes() {
+    for (size, needle) in [
+        ("15M", "too small"),
+        ("16383K", "too small"),
+        ("16777217B", "not a multiple of 4K"),
+        ("16384B", "too small"),
+        ("6\n4M", "invalid size '6\\n4M'"),
+        ("-64M", "invalid size"),
+        ("0x100M", "invalid size"),
+        ("64 M", "invalid size"),
+        ("1e3M", "invalid size"),
+        ("", "invalid size"),
+        ("99999999999999999999", "invalid size"),
+        ("20000000T", "invalid size"),
+    ] {
+        let arg = format!("--memory={size}");
+        assert_error(&microvm(&["--kernel", "k", &arg]), 2, needle);
+    }
+}
+
+#[test]
+fn socket_path_refusals_leave_files_alone() {
+    let d = tmpdir("sockpath");
+    let img = poweroff_image(&d);
+    let img = img.to_str().unwrap();
+    let precious = d.join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let o = microvm(&[
+        "--real-mode-image",
+        img,
+        "--console",
+        &format!("sock={}", precious.display()),
+    ]);
+    assert_error(&o, 1, "exists and is not a socket (refusing to touch it)");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    let o = microvm(&[
+        "--real-mode-image",
+        img,
+        "--console",
+        &format!("sock={}/no/dir.sock", d.display()),
+    ]);
+    assert_error(&o, 1, "does not exist");
+    assert_eq!(listing(&d), ["poweroff.bin", "precious.txt"]);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn failed_starts_leave_no_file_behind() {
+    let d = tmpdir("noleft");
+    let img = poweroff_image(&d);
+    let precious = d.join("precious.txt");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let sock = d.join("c.sock");
+    let log = d.join("console.log");
+    // The kernel is refused before any console exists.
+    let spec = format!("mux:sock={},file={}", sock.display(), log.display());
+    assert_error(
+        &microvm(&["--kernel", "/nonexistent/k", "--console", &spec]),
+        1,
+        "cannot read kernel",
+    );
+    // A later backend fails: the socket and the log made before it are removed.
+    let spec = format!(
+        "mux:sock={},file={},sock={}",
+        sock.display(),
+        log.display(),
+        precious.display()
+    );
+    let o = microvm(&[
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        &spec,
+    ]);
+    assert_error(&o, 1, "not a socket");
+    let spec = format!("mux:file={},file={}/no/dir.log", log.display(), d.display());
+    let o = microvm(&[
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        &spec,
+    ]);
+    assert_error(&o, 1, "does not exist");
+    assert_eq!(listing(&d), ["poweroff.bin", "precious.txt"]);
+    // A run that starts and ends leaves its log, and removes its socket.
+    let spec = format!("mux:sock={},file={}", sock.display(), log.display());
+    let o = microvm(&[
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        &spec,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(listing(&d), ["console.log", "poweroff.bin", "precious.txt"]);
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -1,13 +1,19 @@
-//! The virtio-console fuzz target as a plain test: replays the committed corpus (and any
-//! crash artifacts), then random inputs through proptest. `scripts/fuzz.sh` runs the real
-//! fuzzer (cargo-fuzz) for a bounded time.
+//! Every cargo-fuzz target as a plain test: replays its committed corpus (and any crash
+//! artifacts left by `scripts/fuzz.sh`), checks that the seeds do what they are named
+//! after, then feeds random inputs through proptest. The harnesses live in the library
+//! (`microvm::devices::virtio::fuzzing`, `microvm::devices::uart::fuzzing`,
+//! `microvm::mux::spec::fuzzing`, `microvm::mux::hub::fuzzing`) and panic when a property
+//! fails; `scripts/fuzz.sh` runs the real fuzzer (cargo-fuzz) for a bounded time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use microvm::devices::uart::fuzzing as uart;
 use microvm::devices::virtio::fuzzing::run;
+use microvm::mux::hub::fuzzing as hub_input;
+use microvm::mux::spec::fuzzing as spec;
 use proptest::prelude::*;
 
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+fn files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -15,20 +21,35 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+/// Runs `f` on every corpus file and crash artifact of `target`; at least `min` seeds.
+fn replay(target: &str, min: usize, f: impl Fn(&[u8]) + std::panic::RefUnwindSafe) {
+    let corpus = files(&root().join("corpus").join(target));
+    assert!(corpus.len() >= min, "{target}: corpus seeds missing");
+    for p in corpus
+        .iter()
+        .chain(files(&root().join("artifacts").join(target)).iter())
+    {
+        let data = std::fs::read(p).unwrap();
+        let r = std::panic::catch_unwind(|| f(&data));
+        assert!(r.is_ok(), "{target}: {} fails", p.display());
+    }
+}
+
+fn seed(target: &str, name: &str) -> Vec<u8> {
+    std::fs::read(root().join("corpus").join(target).join(name)).unwrap()
+}
+
 #[test]
 fn corpus_replays_without_panics() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let corpus = files(&root.join("corpus/virtio_console"));
-    assert!(corpus.len() >= 5, "corpus seeds missing");
-    for f in corpus
-        .iter()
-        .chain(files(&root.join("artifacts/virtio_console")).iter())
-    {
-        let data = std::fs::read(f).unwrap();
-        let _ = run(&data);
-    }
+    replay("virtio_console", 5, |d| {
+        run(d);
+    });
     // the seeds exercise what they are named after
-    let seed = |n: &str| run(&std::fs::read(root.join("corpus/virtio_console").join(n)).unwrap());
+    let seed = |n: &str| run(&seed("virtio_console", n));
     assert_eq!(seed("tx_one_chain").output, 5);
     assert_eq!(seed("tx_scatter").output, 6);
     assert!(seed("tx_loop").faults > 0);
@@ -38,6 +59,92 @@ fn corpus_replays_without_panics() {
     assert!(seed("tx_outside_memory").faults > 0);
     assert!(!seed("no_version_1").active);
     assert_eq!(seed("notify_before_driver_ok").output, 0);
+}
+
+#[test]
+fn console_spec_corpus() {
+    replay("console_spec", 10, |d| {
+        spec::run(d);
+    });
+    let s = |n: &str| spec::run(&seed("console_spec", n));
+    assert_eq!(
+        s("issue_example"),
+        spec::Outcome::Parsed(
+            "mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3".into()
+        )
+    );
+    assert!(matches!(s("escaped_path"), spec::Outcome::Parsed(_)));
+    assert!(matches!(s("tcp_v4_v6"), spec::Outcome::Parsed(_)));
+    for refused in [
+        "ring_zero",
+        "two_stdio",
+        "unknown",
+        "dangling",
+        "too_many",
+        "empty",
+    ] {
+        assert!(matches!(s(refused), spec::Outcome::Refused(_)), "{refused}");
+    }
+}
+
+#[test]
+fn uart_corpus() {
+    replay("uart", 5, |d| {
+        uart::run(d);
+    });
+    let u = |n: &str| uart::run(&seed("uart", n));
+    assert_eq!(u("thr_hello").output, b"hello\r\n");
+    let l = u("loopback");
+    assert_eq!(
+        (l.output.as_slice(), l.looped, l.received),
+        (&b"!"[..], 3, 3)
+    );
+    let f = u("input_fill");
+    assert_eq!((f.accepted, f.received), (74, 66));
+    assert_eq!(u("dlab_divisor").output, b"ok");
+    assert_eq!(u("loopback_input_refused").accepted, 20);
+}
+
+#[test]
+fn hub_input_corpus() {
+    replay("hub_input", 5, |d| {
+        hub_input::run(d);
+    });
+    let h = |n: &str| hub_input::run(&seed("hub_input", n));
+    let t = h("terminal_escapes");
+    assert_eq!(t.delivered, b"ab\x01cq");
+    assert_eq!(t.quits, 1);
+    assert_eq!(h("viewer_dropped").delivered, b"ls\n");
+    assert_eq!(h("eof_with_pending").delivered, b"hello");
+    let s = h("split_ctrl_a");
+    assert_eq!((s.delivered.as_slice(), s.quits), (&b"mid\x01"[..], 1));
+    let two = String::from_utf8(h("two_sources_interleaved").delivered).unwrap();
+    assert_eq!(two.len(), 35);
+    assert_eq!(h("backpressure").delivered.len(), 255 * 2 + 5);
+}
+
+/// A console spec built from pieces of the grammar, so that random specs often parse.
+fn spec_text() -> impl Strategy<Value = String> {
+    let item = prop_oneof![
+        Just("stdio".to_string()),
+        "ring(=[0-9]{1,4}[kKmMgG]?)?",
+        "file=[a-z/.\\\\,:]{0,12}(:rotate=[0-9]{1,3}[KM]?)?(:keep=[0-9]{1,4})?(:timestamps|:ts)?",
+        "sock(=[a-z/.\\\\,:]{0,12})?(:ro)?(:single-writer|:sw)?(:max-clients=[0-9]{1,4})?(:queue=[0-9]{1,3}K)?(:mode=0?[0-7]{1,4})?",
+        "tcp=(127\\.0\\.0\\.1|\\[::1\\]|localhost|[0-9.]{1,9}):[0-9]{1,6}(:ro)?",
+        ".{0,12}",
+    ];
+    (
+        any::<bool>(),
+        proptest::collection::vec(item, 1..10),
+        "[ \t\n]{0,2}",
+    )
+        .prop_map(|(mux, items, ws)| {
+            format!(
+                "{ws}{}{}{ws}",
+                if mux { "mux:" } else { "" },
+                items.join(",")
+            )
+        })
 }
 
 proptest! {
@@ -70,5 +177,46 @@ proptest! {
             d.extend_from_slice(&[3, 4, 200]);
         }
         let _ = run(&d);
+    }
+
+    #[test]
+    fn random_console_specs(text in spec_text()) {
+        spec::run(text.as_bytes());
+    }
+
+    #[test]
+    fn random_console_spec_bytes(data in proptest::collection::vec(any::<u8>(), 0..80)) {
+        spec::run(&data);
+    }
+
+    #[test]
+    fn random_uart_sessions(data in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        uart::run(&data);
+    }
+
+    #[test]
+    fn random_hub_input(data in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        hub_input::run(&data);
+    }
+
+    /// Mostly well-formed operations with escape keys: the hub path gets past its header.
+    #[test]
+    fn random_hub_input_chunks(
+        header in any::<[u8; 3]>(),
+        ops in proptest::collection::vec(
+            (0u8..5, 0u8..4, proptest::collection::vec(prop_oneof![Just(1u8), Just(b'x'), Just(b'c'), any::<u8>()], 0..40)),
+            0..60,
+        ),
+    ) {
+        let mut d = header.to_vec();
+        for (op, src, bytes) in ops {
+            d.push(op);
+            d.push(src);
+            if op == 0 {
+                d.push(bytes.len() as u8);
+                d.extend_from_slice(&bytes);
+            }
+        }
+        hub_input::run(&d);
     }
 }

@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ConsoleSink;
 use super::bus::BusDevice;
 
+pub mod fuzzing;
+
 const IER_OFFSET: u8 = 1;
 const LCR_OFFSET: u8 = 3;
 const LSR_OFFSET: u8 = 5;

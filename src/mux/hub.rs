@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub mod fuzzing;
+
 const TOK_WAKE: u32 = 0;
 const TOK_STDIN: u32 = 1;
 const TOK_STDOUT: u32 = 2;
@@ -626,9 +628,15 @@ impl Hub {
     pub fn with_config(spec: &ConsoleSpec, exit: EventFd, cfg: HubConfig) -> Result<Hub, MuxError> {
         let history = spec.ring_size().unwrap_or(cfg.history);
         let mut hub = Hub::bare(exit, cfg, history)?;
-        // On error `hub` drops and `shutdown` undoes what was set up so far.
+        // On error `hub` drops and `shutdown` undoes what was set up so far (socket
+        // files); log files it created are removed here.
         for b in &spec.backends {
-            hub.add_backend(b)?;
+            if let Err(e) = hub.add_backend(b) {
+                for ep in hub.endpoints.values_mut() {
+                    ep.port.discard();
+                }
+                return Err(e);
+            }
         }
         Ok(hub)
     }
@@ -703,10 +711,10 @@ impl Hub {
                     return Err(super::spec::SpecError::TooMany(self.listeners.len() + 1).into());
                 }
                 let l = match &s.listen {
-                    Listen::Unix(Some(p)) => socket::bind_unix(p)?,
+                    Listen::Unix(Some(p)) => socket::bind_unix(p, s.mode)?,
                     Listen::Unix(None) => {
                         let p = socket::default_socket_path();
-                        let l = socket::bind_unix(&p)?;
+                        let l = socket::bind_unix(&p, s.mode)?;
                         log_line(&format!("console socket: {}", p.display()));
                         l
                     }

@@ -17,8 +17,12 @@ pub const DEFAULT_MAX_CLIENTS: usize = 16;
 pub const DEFAULT_CLIENT_QUEUE: usize = 1 << 20;
 /// Default number of rotated log files kept.
 pub const DEFAULT_KEEP: u32 = 5;
+/// Default permissions of a unix socket file: only the owner may attach.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Longest path a unix socket address can hold (`sun_path` minus the NUL).
 pub const MAX_UNIX_PATH: usize = 107;
+
+pub mod fuzzing;
 
 /// Text for `--help`: the console spec grammar and each backend's policy.
 pub const CONSOLE_SPEC_HELP: &str = "\
@@ -42,7 +46,8 @@ Each BACKEND is KIND[=VALUE][:OPTION]...; write ',' ':' '\\' inside a path as
                        :keep=N       rotated files kept, PATH.1..PATH.N (5)
                        :timestamps   UTC time at the start of each line (this
                                      file only; other backends stay byte-exact)
-  sock[=PATH]        unix socket server (mode 0600). Without PATH:
+  sock[=PATH]        unix socket server, mode 0600 (only this user may attach;
+                     see :mode). Without PATH:
                      $XDG_RUNTIME_DIR/microvm-PID.sock or /tmp/microvm-PID.sock
                      (printed on stderr). A stale socket is replaced; any other
                      existing file is refused. Clients get the history, then
@@ -55,10 +60,30 @@ Each BACKEND is KIND[=VALUE][:OPTION]...; write ',' ':' '\\' inside a path as
                                        takes it over with Ctrl-A w (all told)
                        :max-clients=N  simultaneous clients (16)
                        :queue=SIZE     per-client output queue (1M)
-  tcp=ADDR:PORT      the same server on TCP, same options (warns when ADDR is
-                     not loopback: there is no authentication).
+                       :mode=OCTAL     socket file permissions instead of 0600,
+                                       e.g. mode=0660 lets the file's group attach
+                                       (exactly OCTAL: the umask is not applied)
+  tcp=ADDR:PORT      the same server on TCP, same options but :mode (warns when
+                     ADDR is not loopback: there is no authentication).
 
 Example: --console mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3";
+
+/// `s` with control characters (newlines, escapes, NUL...) written as Rust escapes, so
+/// that a message quoting user input stays one line and cannot drive the terminal.
+pub fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
 
 /// Errors in a console spec. Each is one line naming the bad part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,19 +92,23 @@ pub enum SpecError {
     #[error("empty console spec")]
     Empty,
     /// `mux:a,,b`.
-    #[error("empty backend in console spec '{0}'")]
+    #[error("empty backend in console spec '{}'", one_line(.0))]
     EmptyBackend(String),
     /// `stdio,ring` without the `mux:` prefix.
-    #[error("'{0}': several backends need the 'mux:' prefix, e.g. 'mux:{0}'")]
+    #[error("'{}': several backends need the 'mux:' prefix, e.g. 'mux:{}'", one_line(.0), one_line(.0))]
     NeedsMux(String),
     /// A KIND that does not exist.
-    #[error("unknown console backend '{0}' (expected stdio, ring, file, sock or tcp)")]
+    #[error("unknown console backend '{}' (expected stdio, ring, file, sock or tcp)", one_line(.0))]
     UnknownBackend(String),
     /// `stdio` twice, `ring` twice, the same file or socket twice.
-    #[error("duplicate console backend '{0}'")]
+    #[error("duplicate console backend '{}'", one_line(.0))]
     Duplicate(String),
     /// A size that does not parse or is zero.
-    #[error("bad size '{value}' in '{part}' (expected e.g. 4096, 64K, 2M, 1G)")]
+    #[error(
+        "bad size '{}' in '{}' (expected e.g. 4096, 64K, 2M, 1G)",
+        one_line(value),
+        one_line(part)
+    )]
     BadSize {
         /// The backend item the size is in.
         part: String,
@@ -90,7 +119,7 @@ pub enum SpecError {
     #[error("too many console backends: {0} (at most 8)")]
     TooMany(usize),
     /// `file` or `tcp` without a value.
-    #[error("console backend '{kind}' needs a value: {hint}")]
+    #[error("console backend '{}' needs a value: {hint}", one_line(kind))]
     MissingValue {
         /// The backend kind.
         kind: String,
@@ -98,10 +127,14 @@ pub enum SpecError {
         hint: &'static str,
     },
     /// `stdio=...`.
-    #[error("console backend '{0}' takes no value")]
+    #[error("console backend '{}' takes no value", one_line(.0))]
     UnexpectedValue(String),
     /// An option the backend does not know.
-    #[error("unknown option '{opt}' for console backend '{kind}'")]
+    #[error(
+        "unknown option '{}' for console backend '{}'",
+        one_line(opt),
+        one_line(kind)
+    )]
     UnknownOption {
         /// The backend kind.
         kind: String,
@@ -109,7 +142,11 @@ pub enum SpecError {
         opt: String,
     },
     /// A known option with a bad value.
-    #[error("bad option '{opt}' for console backend '{kind}': {why}")]
+    #[error(
+        "bad option '{}' for console backend '{}': {why}",
+        one_line(opt),
+        one_line(kind)
+    )]
     BadOption {
         /// The backend kind.
         kind: String,
@@ -119,10 +156,13 @@ pub enum SpecError {
         why: &'static str,
     },
     /// `tcp=` value that is not ADDR:PORT.
-    #[error("bad tcp address '{0}' (expected ADDR:PORT, e.g. 127.0.0.1:4444)")]
+    #[error("bad tcp address '{}' (expected ADDR:PORT, e.g. 127.0.0.1:4444)", one_line(.0))]
     BadAddress(String),
     /// A unix socket path longer than `sun_path` allows.
-    #[error("unix socket path '{path}' is too long ({len} bytes, at most 107)")]
+    #[error(
+        "unix socket path '{}' is too long ({len} bytes, at most 107)",
+        one_line(path)
+    )]
     PathTooLong {
         /// The path.
         path: String,
@@ -130,7 +170,7 @@ pub enum SpecError {
         len: usize,
     },
     /// A trailing lone backslash.
-    #[error("dangling '\\' at the end of '{0}'")]
+    #[error("dangling '\\' at the end of '{}'", one_line(.0))]
     DanglingEscape(String),
 }
 
@@ -192,6 +232,8 @@ pub struct SockSpec {
     pub max_clients: usize,
     /// Per-client output queue in bytes.
     pub queue: usize,
+    /// Permissions of a unix socket file ([`DEFAULT_SOCKET_MODE`] unless asked).
+    pub mode: u32,
 }
 
 impl SockSpec {
@@ -202,6 +244,7 @@ impl SockSpec {
             single_writer: false,
             max_clients: DEFAULT_MAX_CLIENTS,
             queue: DEFAULT_CLIENT_QUEUE,
+            mode: DEFAULT_SOCKET_MODE,
         }
     }
 }
@@ -492,6 +535,21 @@ fn apply_sock_opts(
             ("single-writer" | "sw", None) => s.single_writer = true,
             ("max-clients", Some(v)) => s.max_clients = parse_count(kind, &o, v, 1024)? as usize,
             ("queue", Some(v)) => s.queue = usize_size(item, v)?,
+            ("mode", Some(v)) => {
+                let bad = |why| SpecError::BadOption {
+                    kind: kind.into(),
+                    opt: o.clone(),
+                    why,
+                };
+                if matches!(s.listen, Listen::Tcp(_)) {
+                    return Err(bad("a tcp socket has no file mode"));
+                }
+                let digits = v.strip_prefix("0o").unwrap_or(v);
+                s.mode = match u32::from_str_radix(digits, 8) {
+                    Ok(m) if m <= 0o777 && !digits.starts_with('+') => m,
+                    _ => return Err(bad("expected octal permissions from 0 to 0777, e.g. 0660")),
+                };
+            }
             _ => {
                 return Err(SpecError::UnknownOption {
                     kind: kind.into(),
@@ -579,6 +637,9 @@ impl fmt::Display for BackendSpec {
                 }
                 if s.queue != DEFAULT_CLIENT_QUEUE {
                     write!(f, ":queue={}", fmt_size(s.queue as u64))?;
+                }
+                if s.mode != DEFAULT_SOCKET_MODE {
+                    write!(f, ":mode={:04o}", s.mode)?;
                 }
                 Ok(())
             }
@@ -828,6 +889,52 @@ mod tests {
     }
 
     #[test]
+    fn socket_mode_option() {
+        let mode = |s: &str| match &p(s).unwrap().backends[0] {
+            BackendSpec::Sock(k) => k.mode,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(mode("sock"), 0o600);
+        assert_eq!(mode("sock=/tmp/a.sock:mode=0660"), 0o660);
+        assert_eq!(mode("sock:mode=640"), 0o640);
+        assert_eq!(mode("sock:mode=0o700"), 0o700);
+        assert_eq!(p("sock:mode=0660").unwrap().to_string(), "sock:mode=0660");
+        assert_eq!(p("sock:mode=600").unwrap().to_string(), "sock");
+        for bad in [
+            "sock:mode=8",
+            "sock:mode=01000",
+            "sock:mode=rw",
+            "sock:mode=+7",
+        ] {
+            assert!(
+                matches!(p(bad), Err(SpecError::BadOption { .. })),
+                "{bad}: {:?}",
+                p(bad)
+            );
+        }
+        let e = p("tcp=127.0.0.1:1:mode=0666").unwrap_err().to_string();
+        assert!(e.contains("no file mode"), "{e}");
+    }
+
+    #[test]
+    fn messages_quoting_input_stay_one_line() {
+        // Found by the console_spec fuzz target: input with control characters made
+        // multi-line (or terminal-driving) error messages.
+        for spec in [
+            "bo\ngus",
+            "mux:stdio,\x1b[2J",
+            "file=a:x\0",
+            "\r",
+            "tcp=\t:1",
+        ] {
+            let msg = p(spec).unwrap_err().to_string();
+            assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        }
+        assert_eq!(one_line("a\nb\x1b"), "a\\nb\\u{1b}");
+        assert_eq!(one_line("plain"), "plain");
+    }
+
+    #[test]
     fn help_mentions_every_kind() {
         for k in [
             "stdio",
@@ -838,6 +945,7 @@ mod tests {
             "rotate=",
             "keep=",
             "timestamps",
+            "mode=",
         ] {
             assert!(CONSOLE_SPEC_HELP.contains(k), "{k}");
         }
@@ -867,15 +975,17 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
                 1usize..1024,
-                1usize..(1 << 24)
+                1usize..(1 << 24),
+                0u32..0o1000
             )
-                .prop_map(|(p, read_only, single_writer, max_clients, queue)| {
+                .prop_map(|(p, read_only, single_writer, max_clients, queue, mode)| {
                     BackendSpec::Sock(SockSpec {
                         listen: Listen::Unix(p),
                         read_only,
                         single_writer,
                         max_clients,
                         queue,
+                        mode,
                     })
                 }),
             (any::<[u8; 4]>(), any::<u16>(), any::<bool>()).prop_map(|(ip, port, read_only)| {

@@ -258,6 +258,8 @@ impl MutEventSubscriber for ResizeWatcher {
 pub fn log_line(msg: &str) {
     use std::io::Write;
     let end = if raw_active() { "\r\n" } else { "\n" };
+    // Messages quote paths and names as given: keep them one line.
+    let msg = super::spec::one_line(msg);
     let _ = write!(io::stderr(), "microvm: {msg}{end}");
 }
 

@@ -176,6 +176,17 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     if is_elf {
         let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| bad_kernel(path, format!("ELF: {e}")))?;
+        let ram = mem.last_addr().raw_value();
+        if result.kernel_end > ram {
+            return Err(bad_kernel(
+                path,
+                format!(
+                    "ELF: its segments end at {:#x}, past the {} MiB of guest memory",
+                    result.kernel_end,
+                    (ram + 1) >> 20
+                ),
+            ));
+        }
         let header = setup_header {
             boot_flag: BOOT_FLAG_MAGIC,
             header: HDRS_MAGIC,
@@ -194,6 +205,29 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     let header = result
         .setup_header
         .ok_or_else(|| bad_kernel(path, "bzImage without a setup header"))?;
+    // A truncated image would load (the loader copies what the file has) and run into
+    // garbage: the header says how long the protected-mode kernel is.
+    let setup_sects = if header.setup_sects == 0 {
+        4
+    } else {
+        u64::from(header.setup_sects)
+    };
+    let payload = meta.len().saturating_sub((setup_sects + 1) * 512);
+    let declared = u64::from(header.syssize) * 16;
+    if payload == 0 {
+        return Err(bad_kernel(
+            path,
+            "bzImage: truncated: no kernel after the setup code",
+        ));
+    }
+    if payload < declared {
+        return Err(bad_kernel(
+            path,
+            format!(
+                "bzImage: truncated: {payload} bytes of kernel after the setup code, the header says {declared}"
+            ),
+        ));
+    }
     if header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(bad_kernel(
             path,
@@ -360,10 +394,15 @@ pub fn write_zero_page(
 
 /// Copies a flat real-mode image to `addr` (tiny test guests).
 pub fn load_raw(mem: &GuestMemory, path: &Path, addr: u64) -> Result<(), BootError> {
-    let bytes = std::fs::read(path).map_err(|source| BootError::KernelFile {
+    let file_err = |source| BootError::KernelFile {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    // A fifo or a device would block the read (or never end): only regular files.
+    if !std::fs::metadata(path).map_err(file_err)?.is_file() {
+        return Err(bad_kernel(path, "not a regular file"));
+    }
+    let bytes = std::fs::read(path).map_err(file_err)?;
     if bytes.is_empty() || addr + bytes.len() as u64 > EBDA_START {
         return Err(bad_kernel(
             path,

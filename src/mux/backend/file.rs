@@ -5,15 +5,27 @@ use crate::mux::spec::FileSpec;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::RawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often a write looks whether PATH still names the open file (moved away by a log
+/// rotation that does not copy-truncate, or deleted); if not, the log is reopened there.
+const REOPEN_CHECK: Duration = Duration::from_secs(1);
 
 /// An append-mode log file. Writes go straight to the kernel (no user-space buffer),
-/// so a crash loses nothing the hub had taken.
+/// so a crash loses nothing the hub had taken. When the file is renamed or removed
+/// underneath (logrotate without copytruncate), output goes on to a new file at PATH
+/// within [`REOPEN_CHECK`]; what was written before stays in the moved file.
 pub(crate) struct FilePort {
     path: PathBuf,
     file: File,
+    /// (dev, ino) of `file`.
+    id: (u64, u64),
+    /// `open` created the file (it did not exist): removed again if the hub is not set up.
+    created: bool,
+    last_check: Instant,
+    check_every: Duration,
     size: u64,
     rotate: Option<u64>,
     keep: u32,
@@ -47,11 +59,17 @@ fn open_append(path: &Path) -> Result<File, BackendError> {
 impl FilePort {
     /// Open (create) the log in append mode.
     pub(crate) fn open(spec: &FileSpec) -> Result<Self, BackendError> {
+        let existed = std::fs::symlink_metadata(&spec.path).is_ok();
         let file = open_append(&spec.path)?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let meta = file.metadata().ok();
+        let size = meta.as_ref().map_or(0, |m| m.len());
         Ok(FilePort {
             path: spec.path.clone(),
             file,
+            id: meta.map_or((0, 0), |m| (m.dev(), m.ino())),
+            created: !existed,
+            last_check: Instant::now(),
+            check_every: REOPEN_CHECK,
             size,
             rotate: spec.rotate,
             keep: spec.keep.max(1),
@@ -76,15 +94,38 @@ impl FilePort {
             }
         }
         std::fs::rename(&self.path, self.numbered(1))?;
+        self.reopen()
+    }
+
+    /// A fresh file at PATH (created if needed) in place of the open one.
+    fn reopen(&mut self) -> io::Result<()> {
         self.file = open_append(&self.path).map_err(|e| match e {
             BackendError::Open { source, .. } => source,
             other => io::Error::other(other.to_string()),
         })?;
-        self.size = 0;
+        let m = self.file.metadata()?;
+        self.id = (m.dev(), m.ino());
+        self.size = m.len();
         Ok(())
     }
 
+    /// Reopens PATH when it no longer names the open file (rotated away, deleted).
+    fn follow_path(&mut self) -> io::Result<()> {
+        if self.last_check.elapsed() < self.check_every {
+            return Ok(());
+        }
+        self.last_check = Instant::now();
+        let moved = match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != self.id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            // Cannot tell (e.g. a directory became unreadable): keep the open file.
+            Err(_) => false,
+        };
+        if moved { self.reopen() } else { Ok(()) }
+    }
+
     fn write_out(&mut self, data: &[u8]) -> io::Result<()> {
+        self.follow_path()?;
         if let Some(limit) = self.rotate
             && self.size > 0
             && self.size + data.len() as u64 > limit
@@ -131,6 +172,17 @@ impl Port for FilePort {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn discard(&mut self) {
+        // Only a file this port created and never wrote to: nothing of the user's.
+        if self.created
+            && self.size == 0
+            && std::fs::metadata(&self.path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == self.id && m.len() == 0)
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -240,6 +292,67 @@ mod tests {
             assert_eq!(&l[25..], want, "{text}");
             assert!(l[..25].ends_with("Z "));
         }
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn rotated_away_underneath_reopens_path() {
+        let d = tmpdir("moved");
+        let p = d.join("log");
+        let mut f = FilePort::open(&spec(p.clone())).unwrap();
+        f.check_every = Duration::ZERO;
+        f.write(b"one\n").unwrap();
+        std::fs::rename(&p, d.join("log.1")).unwrap();
+        f.write(b"two\n").unwrap();
+        std::fs::remove_file(&p).unwrap();
+        f.write(b"three\n").unwrap();
+        assert_eq!(std::fs::read(d.join("log.1")).unwrap(), b"one\n");
+        assert_eq!(std::fs::read(&p).unwrap(), b"three\n");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn copytruncate_underneath_leaves_no_hole() {
+        let d = tmpdir("copytruncate");
+        let p = d.join("log");
+        let mut f = FilePort::open(&spec(p.clone())).unwrap();
+        f.write(b"before rotation\n").unwrap();
+        // logrotate's copytruncate: copy away, then truncate in place.
+        std::fs::copy(&p, d.join("log.1")).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        f.write(b"after\n").unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            b"after\n",
+            "append mode: no hole"
+        );
+        assert_eq!(
+            std::fs::read(d.join("log.1")).unwrap(),
+            b"before rotation\n"
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn discard_removes_only_a_file_it_created_empty() {
+        let d = tmpdir("discard");
+        let fresh = d.join("fresh");
+        FilePort::open(&spec(fresh.clone())).unwrap().discard();
+        assert!(!fresh.exists());
+        let old = d.join("old");
+        std::fs::write(&old, b"").unwrap();
+        FilePort::open(&spec(old.clone())).unwrap().discard();
+        assert!(old.exists(), "a file that was there is left alone");
+        let used = d.join("used");
+        let mut f = FilePort::open(&spec(used.clone())).unwrap();
+        f.write(b"x").unwrap();
+        f.discard();
+        assert!(used.exists());
         let _ = std::fs::remove_dir_all(d);
     }
 

@@ -70,6 +70,9 @@ pub(crate) trait Port: Send {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// The hub could not be set up: undo what opening did (a log file it created and
+    /// never wrote is removed), so that a failed start leaves no file behind.
+    fn discard(&mut self) {}
 }
 
 /// `write(2)`/`send(2)` result to `io::Result`.

@@ -148,11 +148,12 @@ impl Port for Stream {
     }
 }
 
-/// Bind a unix stream listener at `path` with mode 0600.
+/// Bind a unix stream listener at `path` with permissions `mode` (0600 unless the user
+/// asked otherwise with `:mode=`).
 ///
 /// Refuses a path that exists and is not a socket, or a socket someone listens on;
 /// replaces a stale socket (connect gets ECONNREFUSED).
-pub(crate) fn bind_unix(path: &Path) -> Result<Listener, BackendError> {
+pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() > MAX_UNIX_PATH {
         return Err(BackendError::PathTooLong {
@@ -203,11 +204,11 @@ pub(crate) fn bind_unix(path: &Path) -> Result<Listener, BackendError> {
     // SAFETY: fd is a fresh socket we own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // On Linux the socket file's mode comes from the socket inode's mode (minus umask),
-    // so fchmod before bind makes the file 0600 from the start: no window where others
-    // could connect.
+    // so fchmod before bind makes the file no more open than `mode` from the start: no
+    // window where others could connect.
     // SAFETY: fchmod on our own fd.
     unsafe {
-        libc::fchmod(fd, 0o600);
+        libc::fchmod(fd, mode as libc::mode_t);
     }
     // SAFETY: zeroed sockaddr_un is valid; we fill family and path (length checked above).
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -220,8 +221,12 @@ pub(crate) fn bind_unix(path: &Path) -> Result<Listener, BackendError> {
     if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } != 0 {
         return Err(listen_err(io::Error::last_os_error()));
     }
-    // Belt and braces where fchmod before bind is not honoured.
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    // Exactly `mode` (the umask may have narrowed it), and belt and braces where fchmod
+    // before bind is not honoured.
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        let _ = std::fs::remove_file(path);
+        return Err(listen_err(e));
+    }
     // SAFETY: listen on our bound socket.
     if unsafe { libc::listen(fd, 64) } != 0 {
         let e = io::Error::last_os_error();
@@ -270,7 +275,7 @@ mod tests {
     fn mode_0600_and_removed() {
         let d = tmpdir("mode");
         let p = d.join("c.sock");
-        let l = bind_unix(&p).unwrap();
+        let l = bind_unix(&p, 0o600).unwrap();
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
         l.remove_file();
@@ -279,11 +284,22 @@ mod tests {
     }
 
     #[test]
+    fn mode_as_asked_whatever_the_umask() {
+        let d = tmpdir("mode-asked");
+        let p = d.join("c.sock");
+        let l = bind_unix(&p, 0o660).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        l.remove_file();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
     fn refuses_regular_file_and_keeps_it() {
         let d = tmpdir("reg");
         let p = d.join("c.sock");
         std::fs::write(&p, b"precious").unwrap();
-        let e = bind_unix(&p).err().unwrap();
+        let e = bind_unix(&p, 0o600).err().unwrap();
         assert!(matches!(e, BackendError::NotASocket(_)), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"precious");
         let _ = std::fs::remove_dir_all(d);
@@ -295,25 +311,25 @@ mod tests {
         let p = d.join("c.sock");
         // A live listener: refused.
         let live = UnixListener::bind(&p).unwrap();
-        let e = bind_unix(&p).err().unwrap();
+        let e = bind_unix(&p, 0o600).err().unwrap();
         assert!(matches!(e, BackendError::SocketInUse(_)), "{e}");
         // Dropping the listener leaves a stale socket file: reclaimed.
         drop(live);
         assert!(p.exists());
-        let l = bind_unix(&p).unwrap();
+        let l = bind_unix(&p, 0o600).unwrap();
         l.remove_file();
         let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
     fn missing_dir_and_too_long() {
-        let e = bind_unix(Path::new("/nonexistent-xyz/c.sock"))
+        let e = bind_unix(Path::new("/nonexistent-xyz/c.sock"), 0o600)
             .err()
             .unwrap();
         assert!(matches!(e, BackendError::DirMissing { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent-xyz"));
         let long = PathBuf::from(format!("/tmp/{}", "y".repeat(110)));
-        let e = bind_unix(&long).err().unwrap();
+        let e = bind_unix(&long, 0o600).err().unwrap();
         assert!(
             matches!(e, BackendError::PathTooLong { len: 115, .. }),
             "{e}"
