@@ -12,6 +12,7 @@ pub mod config;
 pub mod console_checks;
 pub mod devices;
 pub mod exit;
+mod fuzz_input;
 pub mod mux;
 pub mod panic_watch;
 pub mod report;

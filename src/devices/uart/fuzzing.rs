@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{LCR_DLAB, LSR_OFFSET, LSR_TEMT, LSR_THRE, Uart};
 use crate::devices::ConsoleSink;
 use crate::devices::bus::BusDevice;
+use crate::fuzz_input::Input;
 
 const FIFO: usize = 64;
 const MCR_LOOP: u8 = 0x10;
@@ -83,16 +84,6 @@ struct Model {
     out: Vec<u8>,
     drains: u64,
     next_input: u8,
-}
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
 }
 
 /// Runs one input; panics when the UART departs from the model.

@@ -26,6 +26,7 @@ use super::console::Console;
 use super::mmio::MmioTransport;
 use super::{VirtioInterrupt, status};
 use crate::devices::bus::BusDevice;
+use crate::fuzz_input::Input;
 
 /// Guest memory size for the harness.
 pub const MEM_SIZE: u64 = 0x1_0000;
@@ -47,29 +48,6 @@ impl Write for CountingSink {
 }
 
 impl crate::devices::ConsoleSink for CountingSink {}
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn bytes(&mut self, n: usize) -> Option<&[u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.bytes(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.bytes(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.bytes(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-}
 
 type Dev = Console<CountingSink, Arc<VirtioInterrupt>>;
 

@@ -42,6 +42,7 @@ use super::{
     Endpoint, FrontendInput, Hub, HubConfig, InMode, InState, Kind, NoReg, Port, TOK_FRONTEND,
     TOK_WAKE,
 };
+use crate::fuzz_input::Input;
 use crate::mux::term::{DETACH_KEY, ESCAPE_PREFIX, EscapeAction, EscapeKeys, EscapeParser};
 
 const SOURCES: usize = 4;
@@ -127,24 +128,6 @@ pub struct Outcome {
     pub reads: usize,
     /// Times the VM was asked to stop (Ctrl-A x on the terminal).
     pub quits: u64,
-}
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> Option<u8> {
-        let (&b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(b)
-    }
-    fn bytes(&mut self, n: usize) -> Option<&[u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
 }
 
 /// Runs one input through the escape parser and the hub; panics when a property fails.
