@@ -1,7 +1,7 @@
 //! Builds a running VM from a [`VmConfig`], one function per boot step.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -34,7 +34,7 @@ use crate::panic_watch::PanicWatch;
 use crate::seccomp::{Filters, SeccompError};
 use crate::vmm::{Consoles, RunChecks, Vmm};
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::vcpu::{self, Buses, StopFlag};
+use crate::vstate::vcpu::{self, Buses, SeccompStart, StopFlag};
 use crate::vstate::vm::{self, Vm};
 
 /// Where tiny real-mode guests are loaded and started.
@@ -377,8 +377,8 @@ fn virtio_console_acpi() -> acpi::AcpiDevice {
     }
 }
 
-/// Creates and configures the vCPUs and starts their threads (each installs its seccomp
-/// filter from `seccomp` before it first enters the guest).
+/// Creates and configures the vCPUs and starts their threads (with `seccomp`, each
+/// installs its filter and waits at the gate before it first enters the guest).
 #[allow(clippy::too_many_arguments)]
 fn start_vcpus(
     kvm: &Kvm,
@@ -388,7 +388,7 @@ fn start_vcpus(
     buses: &Buses,
     exit: &ExitNotifier,
     stop: &StopFlag,
-    seccomp: Option<&Arc<Filters>>,
+    seccomp: Option<&SeccompStart>,
 ) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -469,9 +469,13 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let buses = Buses { pio, mmio };
     let stop = StopFlag::default();
     // Everything is set up: from here on each thread may do only what its filter allows.
+    // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
     let seccomp = if config.seccomp {
         crate::seccomp::install_sigsys_handler()?;
-        Some(Arc::new(Filters::build()?))
+        Some(SeccompStart {
+            filters: Arc::new(Filters::build()?),
+            gate: Arc::new(Barrier::new(usize::from(config.vcpus) + 1)),
+        })
     } else {
         None
     };

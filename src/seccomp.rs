@@ -1,8 +1,9 @@
 //! Least privilege: one seccomp-bpf filter per kind of thread, built with `seccompiler`.
 //!
-//! * vCPU threads install theirs at the top of the thread, before the first `KVM_RUN`.
+//! * vCPU threads install theirs at the top of the thread, then wait at a start gate.
 //! * The event loop (the main thread) installs its own when [`crate::vmm::Vmm::run`] starts,
-//!   after the VM, the devices, the console sockets and log files exist.
+//!   after the VM, the devices, the console sockets and log files exist, and then opens
+//!   the gate: the guest's first instruction runs with every thread filtered.
 //!
 //! Each filter allows only the syscalls its thread makes from then on (see
 //! [`vcpu_rules`] and [`event_loop_rules`], and docs/SECURITY.md); anything else traps

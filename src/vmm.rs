@@ -13,9 +13,9 @@ use crate::console_checks::ConsoleChecks;
 use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::mux::{Hub, HubStats};
-use crate::seccomp::{self, Filters, ThreadKind};
+use crate::seccomp::{self, ThreadKind};
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{StopFlag, VcpuHandle};
+use crate::vstate::vcpu::{SeccompStart, StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
 
 /// How long the event loop sleeps at most between checks of the exit state.
@@ -120,8 +120,9 @@ pub struct Vmm {
     exit: ExitNotifier,
     hubs: Vec<Arc<Mutex<Hub>>>,
     checks: RunChecks,
-    /// The filters, when seccomp is on; the event loop installs its own in `run`.
-    seccomp: Option<Arc<Filters>>,
+    /// The filters and the vCPUs' start gate, when seccomp is on: `run` installs the
+    /// event loop's filter, then opens the gate.
+    seccomp: Option<SeccompStart>,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
     _guest: (Vm, GuestMemory),
 }
@@ -137,7 +138,7 @@ impl Vmm {
         consoles: Consoles,
         checks: RunChecks,
         guest: (Vm, GuestMemory),
-        seccomp: Option<Arc<Filters>>,
+        seccomp: Option<SeccompStart>,
     ) -> Vmm {
         install_signal_handlers(&exit);
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -157,15 +158,21 @@ impl Vmm {
     }
 
     /// Runs the event loop until the VM ends; stops the vCPUs and returns how it ended.
-    /// The main thread runs under the event-loop seccomp filter from the start (when on),
-    /// and stays under it afterwards (writing the report, exiting).
+    /// With seccomp, the main thread installs the event-loop filter first, then lets the
+    /// vCPU threads (filtered and waiting) enter the guest; it stays under the filter
+    /// afterwards (writing the report, exiting).
     pub fn run(mut self) -> Outcome {
-        if let Some(filters) = self.seccomp.take()
-            && let Err(e) = seccomp::install(&filters, ThreadKind::EventLoop, "event-loop")
-        {
-            self.exit.exit(ExitReason::Error(e.to_string()));
+        if let Some(start) = self.seccomp.take() {
+            let installed = seccomp::install(&start.filters, ThreadKind::EventLoop, "event-loop");
+            drop(start.filters);
+            seccomp::test_violation(ThreadKind::EventLoop);
+            start.gate.wait();
+            if let Err(e) = installed {
+                self.exit.exit(ExitReason::Error(e.to_string()));
+            }
+        } else {
+            seccomp::test_violation(ThreadKind::EventLoop);
         }
-        seccomp::test_violation(ThreadKind::EventLoop);
         while self.exit.reason().is_none() {
             let mut wait_ms = LOOP_TIMEOUT_MS;
             if let Some(limit) = self.checks.timeout {

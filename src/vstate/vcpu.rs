@@ -1,8 +1,8 @@
 //! vCPU threads: `KVM_RUN` in a loop, each exit handed to [`handle_exit`], which routes
 //! port I/O and MMIO to the buses and turns shutdowns and failures into an [`ExitReason`].
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -158,8 +158,19 @@ pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
     }
 }
 
-/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty, under the vCPU
-/// seccomp filter of `seccomp` when given (installed before the first `KVM_RUN`).
+/// What a vCPU thread does before it first enters the guest, when seccomp is on.
+#[derive(Clone)]
+pub struct SeccompStart {
+    /// The compiled filters (the thread installs the vCPU one).
+    pub filters: Arc<Filters>,
+    /// Released by the event loop once its own filter is in, so that no guest code runs
+    /// while any thread of microvm is still unfiltered (and no filter is compiled into
+    /// the kernel while a vCPU is in the guest).
+    pub gate: Arc<Barrier>,
+}
+
+/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty. With `seccomp`,
+/// the thread installs the vCPU filter and waits at the gate before its first `KVM_RUN`.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
@@ -167,7 +178,7 @@ pub fn spawn(
     exit: ExitNotifier,
     stop: StopFlag,
     cpus: Vec<usize>,
-    seccomp: Option<Arc<Filters>>,
+    seccomp: Option<SeccompStart>,
 ) -> Result<VcpuHandle, VcpuError> {
     let done = Arc::new(AtomicBool::new(false));
     let done_thread = done.clone();
@@ -179,9 +190,13 @@ pub fn spawn(
                     "vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned"
                 ));
             }
-            if let Some(filters) = seccomp {
+            if let Some(start) = seccomp {
                 let label = format!("vcpu{id}");
-                if let Err(e) = crate::seccomp::install(&filters, ThreadKind::Vcpu, &label) {
+                let installed = crate::seccomp::install(&start.filters, ThreadKind::Vcpu, &label);
+                drop(start.filters);
+                // Always arrive, or the event loop would wait forever.
+                start.gate.wait();
+                if let Err(e) = installed {
                     exit.exit(ExitReason::Error(format!("vCPU {id}: {e}")));
                     done_thread.store(true, Ordering::SeqCst);
                     return;
