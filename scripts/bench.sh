@@ -9,8 +9,9 @@
 #         and microvm with sock+stdio+ring+file and a socket reader (fan-out cost)
 #   uart  the same through ttyS0 alone (BENCH_UART_BYTES, 256 KiB)
 #   rss   microvm's own RSS before/after BENCH_RSS_BYTES (100 MiB) through hvc0
-# BENCH_PIN=1 pins both VMMs' vCPU threads away from their other threads (needed in the
-# nested rig for floods, see docs/BENCHMARKS.md). BENCH_ONLY=boot|hvc|uart|rss runs one section; BENCH_MICROVM_ARGS adds microvm options
+# BENCH_PIN=1 pins both VMMs' vCPU threads away from their other threads: the default in
+# the nested rig, whose L1 keeps its last CPU for vCPU threads (scripts/rig.sh), off
+# when direct. BENCH_ONLY=boot|hvc|uart|rss runs one section; BENCH_MICROVM_ARGS adds microvm options
 # (e.g. --vcpu-affinity 1, see docs/BENCHMARKS.md). Times come from tools/vmmtime.rs on the
 # VMM's stdout. RSS excl. guest: /proc/PID/smaps Rss of all mappings minus the anonymous
 # mapping(s) at least as large as guest memory (the guest RAM).
@@ -39,8 +40,10 @@ out=$(mktemp); trap 'rm -f "$out"' EXIT
 knobs=(BENCH_N="$N" BENCH_MEM_MIB="$MEM" BENCH_CMDLINE="$CMDLINE" BENCH_ONLY="${BENCH_ONLY:-all}"
        BENCH_TPUT_N="${BENCH_TPUT_N:-3}" BENCH_HVC_BYTES="${BENCH_HVC_BYTES:-4194304}"
        BENCH_UART_BYTES="${BENCH_UART_BYTES:-262144}" BENCH_RSS_BYTES="${BENCH_RSS_BYTES:-104857600}"
-       BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}" BENCH_PIN="${BENCH_PIN:-0}"
+       BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}"
        BENCH_RUN_TIMEOUT="${BENCH_RUN_TIMEOUT:-240}")
+if [ "$(kvm_mode)" != direct ]; then BENCH_PIN=${BENCH_PIN:-1}; fi
+knobs+=(BENCH_PIN="${BENCH_PIN:-0}")
 envs=()
 for k in "${knobs[@]}"; do envs+=(--env "$k"); done
 if [ "$(kvm_mode)" = direct ]; then

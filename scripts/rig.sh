@@ -94,10 +94,17 @@ fi
 log "L1 initramfs $(( $(stat -c %s "$work/l1.cpio") / 1048576 )) MiB (uncompressed cpio)"
 rm -rf "$st"
 
-qemu=(qemu-system-x86_64 -M q35 -accel tcg -cpu max -smp 2 -m 2048
+# L1's last CPU is kept for L2 vCPU threads (isolcpus: no task, kernel worker or IRQ
+# lands there unless pinned; the tests and the bench pin the vCPUs with --vcpu-affinity
+# or taskset). TCG's SVM emulation lets an L2 vCPU that spins with interrupts off (the
+# guest's hvc write waiting for the device) hold its L1 CPU without taking L1's
+# interrupts; anything else queued on that CPU (the pipe reader that would drain the
+# console, a serial IRQ, a kworker) then waits for it, and the spin waits for them.
+l1_cpus=2
+qemu=(qemu-system-x86_64 -M q35 -accel tcg -cpu max -smp "$l1_cpus" -m 2048
       -nodefaults -no-user-config -display none -no-reboot -monitor none
       -kernel "$GUEST_DIR/vmlinuz" -initrd "$work/l1.cpio"
-      -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 rdinit=/init")
+      -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 rdinit=/init isolcpus=$((l1_cpus - 1)) irqaffinity=0")
 status_file=$work/status
 trap - ERR   # from here on, failures are reported below
 if [ "$interactive" = 1 ]; then

@@ -149,7 +149,9 @@ pub struct RunArgs {
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
-    /// Print the default kernel command line and exit (for scripts comparing VMMs).
+    /// Print the default kernel command line (the one `--cmdline-replace` replaces, for
+    /// the console set-up given: with or without `--no-virtio-console`) and exit (for
+    /// scripts comparing VMMs).
     #[arg(long, hide = true)]
     pub print_default_cmdline: bool,
     /// Boot a flat real-mode image at 0x1000 instead of a kernel (tiny test guests).

@@ -23,7 +23,15 @@ fn main() {
         std::process::exit(code);
     }
     if cli.run.print_default_cmdline {
-        println!("{}", microvm::config::DEFAULT_CMDLINE);
+        // The line `--cmdline-replace` stands in for, for the console set-up asked for.
+        println!(
+            "{}",
+            if cli.run.no_virtio_console {
+                microvm::config::DEFAULT_CMDLINE
+            } else {
+                microvm::config::DEFAULT_CMDLINE_VIRTIO
+            }
+        );
         return;
     }
     let config = match cli.run.to_config() {

@@ -599,3 +599,24 @@ fn failed_starts_leave_no_file_behind() {
     assert_eq!(listing(&d), ["console.log", "poweroff.bin", "precious.txt"]);
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// `--print-default-cmdline` prints the line microvm would boot with (what
+/// `--cmdline-replace` stands in for): hvc0 as the console by default, the UART alone
+/// with `--no-virtio-console`. Scripts comparing VMMs (`make bench`) rely on it.
+#[test]
+fn print_default_cmdline_follows_the_console_setup() {
+    let with = microvm(&["--print-default-cmdline"]);
+    assert_eq!(with.code, 0, "{}", with.stderr);
+    assert!(
+        with.stdout.starts_with("earlycon=uart8250,io,0x3f8 console=hvc0 "),
+        "{}",
+        with.stdout
+    );
+    let without = microvm(&["--print-default-cmdline", "--no-virtio-console"]);
+    assert_eq!(without.code, 0, "{}", without.stderr);
+    assert!(
+        without.stdout.starts_with("console=ttyS0 ") && !without.stdout.contains("hvc0"),
+        "{}",
+        without.stdout
+    );
+}

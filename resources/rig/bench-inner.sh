@@ -40,10 +40,12 @@ export BENCH_MICROVM_ARGS
 
 # BENCH_PIN=1: both VMMs run their vCPU thread on the last CPU and every other thread on
 # the others (microvm: --vcpu-affinity; QEMU: taskset on its threads once they exist).
-# In the nested rig this sidesteps TCG's SVM emulation keeping an L1 CPU stuck in an L2
-# that spins with interrupts off (see docs/BENCHMARKS.md); on real hardware leave it off.
+# In the nested rig (whose L1 keeps that CPU for vCPUs: isolcpus, scripts/rig.sh) this
+# sidesteps TCG's SVM emulation keeping an L1 CPU stuck in an L2 that spins with
+# interrupts off (see docs/RIG.md); on real hardware leave it off. `nproc` would count
+# only the CPUs this shell may use, which excludes isolated ones.
 if [ "${BENCH_PIN:-0}" = 1 ]; then
-    last=$(($(nproc) - 1))
+    last=$(($(grep -c '^processor' /proc/cpuinfo) - 1))
     [ "$last" -ge 1 ] || { echo "BENCH_PIN=1 needs 2 CPUs"; exit 1; }
     vmask=$(printf '%x' $((1 << last))) omask=$(printf '%x' $(((1 << last) - 1)))
     BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-} --vcpu-affinity $last"

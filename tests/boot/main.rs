@@ -50,6 +50,7 @@ pub const SHELL_MARK: &str = "microvm-guest: shell ready";
 // ---------------------------------------------------------------------------------------
 // Running one microvm process
 
+#[derive(Clone)]
 struct Ctx {
     bin: PathBuf,
     kernel: PathBuf,
@@ -57,6 +58,15 @@ struct Ctx {
     timeout: Duration,
     /// Given to every microvm run (see `run_cases`).
     common_args: Vec<String>,
+    /// The microvm processes the running case started, for the watchdog.
+    live: Arc<Mutex<Vec<Live>>>,
+}
+
+/// A microvm process as the watchdog sees it.
+struct Live {
+    pid: u32,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Ctx {
@@ -93,6 +103,11 @@ impl Ctx {
             .map_err(|e| format!("cannot spawn {}: {e}", self.bin.display()))?;
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
+        self.live.lock().unwrap().push(Live {
+            pid: child.id(),
+            out: out.clone(),
+            err: err.clone(),
+        });
         let (input, output): (Option<Box<dyn Write + Send>>, Box<dyn Read + Send>) = match console {
             Some((i, o)) => (Some(i), o),
             None => (
@@ -661,16 +676,19 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
             .unwrap_or(guest.join("initrd.gz")),
         timeout: Duration::from_secs(timeout),
         common_args: Vec::new(),
+        live: Arc::new(Mutex::new(Vec::new())),
     };
     // In the rig's L1 (QEMU TCG emulating SVM), an L2 vCPU that spins with interrupts off
     // (Linux's hvc console write waits so for the device to take its buffer) does not
-    // exit on L1's own interrupts: when the event loop thread that would take the buffer
-    // was woken onto the same L1 CPU, both stay stuck (L1 reports a soft lockup of the
-    // vCPU thread). Keeping the vCPU and the event loop on different CPUs avoids it; real
-    // hardware does not need this.
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if inner && cpus >= 2 {
-        ctx.common_args = vec!["--vcpu-affinity".into(), (cpus - 1).to_string()];
+    // take L1's interrupts: whatever else is queued on that L1 CPU waits for the spin,
+    // and the spin may be waiting for it (the event loop, the reader draining the
+    // console). So L1 keeps CPUs for vCPU threads (`isolcpus`, scripts/rig.sh) and the
+    // vCPUs go there; real hardware does not need this.
+    if inner
+        && let Ok(isolated) = std::fs::read_to_string("/sys/devices/system/cpu/isolated")
+        && !isolated.trim().is_empty()
+    {
+        ctx.common_args = vec!["--vcpu-affinity".into(), isolated.trim().to_string()];
     }
     let start = Instant::now();
     // MICROVM_TEST_REPEAT=N runs each case N times (flake hunting).
@@ -696,7 +714,7 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
                 "suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"
             ))
         } else {
-            f(&ctx)
+            run_guarded(&ctx, *f)
         };
         let secs = t.elapsed().as_secs_f64();
         match res {
@@ -723,6 +741,99 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         result_line(passed, failures.len(), filtered, start)
     );
     if failures.is_empty() { 0 } else { 101 }
+}
+
+/// How long past its own deadline a case may run before the watchdog steps in.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(60);
+
+/// Runs one case on a thread of its own under a watchdog. Every wait in a case has the
+/// case's deadline, but a blocking call (a write into a full pty, a join, a process that
+/// cannot die) could still hold it forever and, with it, the whole rig. Past the deadline
+/// plus `WATCHDOG_GRACE` the watchdog fails the case with a picture of where everything
+/// is stuck (the case's threads and the microvm processes it started: state, wchan,
+/// kernel stacks, console tails), kills those processes and moves on to the next case.
+fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
+    ctx.live.lock().unwrap().clear();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let case_ctx = ctx.clone();
+    let worker = thread::Builder::new()
+        .name("case".into())
+        .spawn(move || {
+            let _ = tx.send(f(&case_ctx));
+        })
+        .map_err(|e| format!("cannot start the case's thread: {e}"))?;
+    match rx.recv_timeout(ctx.timeout + WATCHDOG_GRACE) {
+        Ok(res) => {
+            let _ = worker.join();
+            res
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let _ = worker.join();
+            Err("the case panicked (see its message above)".into())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            let picture = hang_picture(ctx);
+            for l in ctx.live.lock().unwrap().iter() {
+                // SAFETY: kill(2) with a pid we spawned; a stale pid only fails (ESRCH).
+                unsafe { libc::kill(l.pid as i32, libc::SIGKILL) };
+            }
+            // Give the case a moment to notice; a thread still stuck is left behind.
+            let late = rx.recv_timeout(Duration::from_secs(20));
+            Err(format!(
+                "the case was still running {WATCHDOG_GRACE:?} past its deadline ({:?}): the \
+                 watchdog killed its microvm processes ({}).\n{picture}",
+                ctx.timeout,
+                match late {
+                    Ok(_) => "it then returned",
+                    Err(_) => "it is still stuck and left behind",
+                }
+            ))
+        }
+    }
+}
+
+/// Where a hung case and its microvm processes are: every thread's state, wchan and
+/// kernel stack (readable as root, i.e. in the rig), and the consoles' tails.
+fn hang_picture(ctx: &Ctx) -> String {
+    let mut s = String::from("---- the test's threads ----\n");
+    s += &threads_picture("self");
+    for l in ctx.live.lock().unwrap().iter() {
+        s += &format!("---- microvm pid {} ----\n", l.pid);
+        s += &threads_picture(&l.pid.to_string());
+        s += &format!(
+            "---- its console (stdout) tail ----\n{}\n---- its stderr tail ----\n{}\n",
+            tail(&String::from_utf8_lossy(&l.out.lock().unwrap()), 30),
+            tail(&String::from_utf8_lossy(&l.err.lock().unwrap()), 15)
+        );
+    }
+    s
+}
+
+fn threads_picture(pid: &str) -> String {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(tasks) = std::fs::read_dir(&dir) else {
+        return format!("(gone: no {dir})\n");
+    };
+    let mut s = String::new();
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or("")
+            .to_string();
+        s += &format!(
+            "{} {:?} {state} wchan={}\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan")
+        );
+        for frame in read("stack").lines().take(12) {
+            s += &format!("    {frame}\n");
+        }
+    }
+    s
 }
 
 /// Re-runs this executable inside the nested rig and relays its output.
