@@ -95,8 +95,11 @@ done
 
 # The guest makes SIZE bytes of random data in tmpfs first (not timed), puts DEV in raw
 # mode (no newline translation), then prints the begin marker, the data, the end marker.
+# fd 3 holds DEV open throughout: hvc resets a tty's modes when its last opener closes it
+# (TTY_DRIVER_RESET_TERMIOS), so without it `cat > DEV` would write in cooked mode, where
+# n_tty hands every newline, tab and CR to the driver as a write of its own (and adds CRs).
 flood_cmd() { # size dev
-    echo "mvcmd=\"head -c $1 /dev/urandom > /tmp/f; stty -F $2 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); cat /tmp/f > $2; echo; echo FLOOD-END-\$((1+1))\""
+    echo "mvcmd=\"head -c $1 /dev/urandom > /tmp/f; exec 3<>$2; stty -F $2 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); cat /tmp/f > $2; echo; echo FLOOD-END-\$((1+1))\""
 }
 
 hvc_size=${BENCH_HVC_BYTES:-4194304}
@@ -138,7 +141,7 @@ if want rss; then
     rm -f "$tmp/b.sock" "$tmp/fan.log"
     reader "$tmp/b.sock"
     run rss-microvm 1 "$tmp/rss.log" -- "$microvm" --cmdline-replace \
-        "$BENCH_CMDLINE mvcmd=\"stty -F /dev/hvc0 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); head -c $rss_size /dev/zero > /dev/hvc0; echo; echo FLOOD-END-\$((1+1))\"" \
+        "$BENCH_CMDLINE mvcmd=\"exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); head -c $rss_size /dev/zero > /dev/hvc0; echo; echo FLOOD-END-\$((1+1))\"" \
         --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
     wait
     rm -f "$tmp/fan.log"

@@ -379,3 +379,47 @@ fn failing_backend_is_dropped_others_go_on() {
     assert!(!hub.alive(tb));
     assert_eq!(good.lock().unwrap().written, b"hello world");
 }
+
+/// Output coalescing: the first output after a pause goes out at once (a keystroke's
+/// echo is never delayed); while output streams, small chunks wait for the timer and go
+/// out as one write; a full batch (`COALESCE_BYTES`) goes out at once. Order and content
+/// are those of a hub that does not coalesce.
+#[test]
+fn coalescing_batches_a_stream_and_never_delays_after_a_pause() {
+    use super::hub::COALESCE_BYTES;
+    use std::time::Duration;
+    let mut hub = Hub::for_test_coalescing(HubConfig {
+        coalesce: Duration::from_millis(50),
+        ..cfg()
+    });
+    let (fe, _) = mock(64);
+    let mut w = hub.add_frontend("hvc0", fe).unwrap();
+    let (p, s) = mem(None, 0);
+    hub.add_mem("stdout", p, Some((Policy::Lossless, 1 << 20)), None);
+    let written = |s: &Arc<Mutex<MemState>>| s.lock().unwrap().written.clone();
+    let writes = |s: &Arc<Mutex<MemState>>| s.lock().unwrap().writes;
+
+    w.write_all(b"first").unwrap();
+    hub.pump();
+    assert_eq!(written(&s), b"first", "after a pause: out at once");
+    // Streaming now: the next chunks wait for the timer and go out in one write.
+    w.write_all(b" second").unwrap();
+    hub.pump();
+    w.write_all(b" third").unwrap();
+    assert_eq!(written(&s), b"first", "held for the batch");
+    let before = writes(&s);
+    assert!(hub.coalesce_due(), "the timer was armed");
+    assert_eq!(written(&s), b"first second third");
+    assert_eq!(writes(&s), before + 1, "one write for the batch");
+    // A full batch goes out without waiting.
+    let big = vec![b'x'; COALESCE_BYTES];
+    w.write_all(&big).unwrap();
+    hub.pump();
+    assert_eq!(written(&s).len(), b"first second third".len() + COALESCE_BYTES);
+    // After a pause longer than the streaming window, output is immediate again.
+    std::thread::sleep(Duration::from_millis(250));
+    let _ = hub.coalesce_due();
+    w.write_all(b"!").unwrap();
+    hub.pump();
+    assert!(written(&s).ends_with(b"x!"));
+}
