@@ -27,14 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::timerfd::TimerFd;
 
 pub mod fuzzing;
 
 const TOK_WAKE: u32 = 0;
 const TOK_STDIN: u32 = 1;
 const TOK_STDOUT: u32 = 2;
-const TOK_COALESCE: u32 = 3;
 const TOK_LISTENER: u32 = 16;
 const TOK_FRONTEND: u32 = 64;
 const TOK_DYNAMIC: u32 = 1024;
@@ -69,20 +67,7 @@ pub struct HubConfig {
     pub shutdown_timeout: Duration,
     /// The longest `shutdown` waits for the terminal and socket clients in all.
     pub shutdown_limit: Duration,
-    /// Output coalescing: while the guest streams (the previous fan-out was less than
-    /// `STREAMING_FACTOR` x this ago), output waits up to this long to go out with what
-    /// follows, so each backend gets one write and each consumer one wake-up per batch
-    /// instead of per chunk; `COALESCE_BYTES` queued go out at once. Output after a
-    /// pause (a keystroke's echo) goes out at once. Zero: every wake-up fans out.
-    pub coalesce: Duration,
 }
-
-/// Queued output that is fanned out at once, coalescing or not (the writer wakes the hub
-/// when the queue grows past it).
-pub const COALESCE_BYTES: usize = 64 << 10;
-/// Output is "streaming" while the previous fan-out is less than this many
-/// `HubConfig::coalesce` periods old.
-const STREAMING_FACTOR: u32 = 4;
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -94,7 +79,6 @@ impl Default for HubConfig {
             read_chunk: 4096,
             shutdown_timeout: Duration::from_secs(2),
             shutdown_limit: Duration::from_secs(60),
-            coalesce: Duration::from_millis(8),
         }
     }
 }
@@ -169,7 +153,7 @@ impl Write for HubWriter {
         if buf.is_empty() {
             return Ok(0);
         }
-        let (was_empty, crossed);
+        let was_empty;
         {
             // A poisoned lock only means another writer panicked mid-append; the bytes
             // are still a valid Vec, so keep going.
@@ -181,16 +165,13 @@ impl Write for HubWriter {
                 return Ok(buf.len());
             }
             was_empty = q.is_empty();
-            let below = q.len() < COALESCE_BYTES;
             q.extend_from_slice(buf);
-            crossed = below && q.len() >= COALESCE_BYTES;
             self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.shared.queued.store(q.len(), Ordering::Release);
         }
-        if was_empty || crossed {
+        if was_empty {
             // The hub drains the whole queue per wake-up, so only the first chunk after a
-            // drain needs to kick it, and the one that fills a batch when the hub is
-            // coalescing. An eventfd write only fails on counter overflow.
+            // drain needs to kick it. An eventfd write only fails on counter overflow.
             let _ = self.shared.wake.write(1);
         }
         Ok(buf.len())
@@ -616,11 +597,6 @@ pub struct Hub {
     retired: Vec<BackendStats>,
     /// The spec has a `ring` backend.
     has_ring: bool,
-    /// Fires when coalesced output is due (`HubConfig::coalesce`).
-    coalesce_timer: TimerFd,
-    coalesce_armed: bool,
-    /// When output last went out to the backends.
-    last_fanout: Option<Instant>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -678,8 +654,6 @@ impl Hub {
             wake,
         });
         let read_chunk = cfg.read_chunk.max(1);
-        let coalesce_timer = TimerFd::new()
-            .map_err(|e| MuxError::Timer(io::Error::from_raw_os_error(e.errno())))?;
         Ok(Hub {
             input: VecDeque::with_capacity(cfg.input_capacity.min(1 << 20)),
             cfg,
@@ -703,9 +677,6 @@ impl Hub {
             sent: Vec::new(),
             retired: Vec::new(),
             has_ring: false,
-            coalesce_timer,
-            coalesce_armed: false,
-            last_fanout: None,
         })
     }
 
@@ -964,11 +935,6 @@ impl Hub {
                 "console hub: cannot watch its wake-up eventfd: {e}"
             ));
         }
-        if let Err(e) = reg.add(self.coalesce_timer.as_raw_fd(), TOK_COALESCE, EventSet::IN) {
-            // Without the timer nothing may wait: fan out on every wake-up.
-            self.cfg.coalesce = Duration::ZERO;
-            log_line(&format!("console hub: cannot watch its timer: {e}"));
-        }
         for (i, l) in self.listeners.iter_mut().enumerate() {
             match reg.add(l.l.fd(), TOK_LISTENER + i as u32, EventSet::IN) {
                 Ok(()) => l.registered = true,
@@ -986,11 +952,6 @@ impl Hub {
         match token {
             TOK_WAKE => {
                 let _ = self.shared.wake.read();
-                self.output_ready();
-            }
-            TOK_COALESCE => {
-                let _ = self.coalesce_timer.wait();
-                self.coalesce_armed = false;
                 self.drain_writer();
             }
             t if (TOK_LISTENER..TOK_FRONTEND).contains(&t) => {
@@ -1050,25 +1011,6 @@ impl Hub {
         }
     }
 
-    /// The writers queued output: fan it out now, or, while the guest streams and less
-    /// than a batch is queued, within `HubConfig::coalesce` (the timer).
-    fn output_ready(&mut self) {
-        let streaming = !self.cfg.coalesce.is_zero()
-            && self
-                .last_fanout
-                .is_some_and(|t| t.elapsed() < self.cfg.coalesce * STREAMING_FACTOR);
-        if streaming && self.shared.queued.load(Ordering::Acquire) < COALESCE_BYTES {
-            if !self.coalesce_armed {
-                match self.coalesce_timer.reset(self.cfg.coalesce, None) {
-                    Ok(()) => self.coalesce_armed = true,
-                    Err(_) => self.drain_writer(),
-                }
-            }
-            return;
-        }
-        self.drain_writer();
-    }
-
     /// Take everything the writers queued and fan it out.
     fn drain_writer(&mut self) {
         let mut data = std::mem::take(&mut self.spare);
@@ -1079,7 +1021,6 @@ impl Hub {
         }
         if !data.is_empty() {
             self.emit(&data);
-            self.last_fanout = Some(Instant::now());
         }
         let dropped = self.shared.dropped.swap(0, Ordering::AcqRel);
         if dropped > 0 {
@@ -1645,30 +1586,10 @@ pub(crate) mod testing {
     use super::*;
 
     impl Hub {
-        /// A hub with no backends (history `history` bytes) that fans out on every
-        /// wake-up (no coalescing: `pump` shows the output at once).
+        /// A hub with no backends (history `history` bytes).
         pub(crate) fn for_test(cfg: HubConfig, history: usize) -> Hub {
             let exit = EventFd::new(EFD_NONBLOCK).unwrap();
-            let cfg = HubConfig {
-                coalesce: Duration::ZERO,
-                ..cfg
-            };
             Hub::bare(exit, cfg, history).unwrap()
-        }
-
-        /// A hub that coalesces as configured in `cfg`.
-        pub(crate) fn for_test_coalescing(cfg: HubConfig) -> Hub {
-            let exit = EventFd::new(EFD_NONBLOCK).unwrap();
-            Hub::bare(exit, cfg, 0).unwrap()
-        }
-
-        /// The coalescing timer fired (waits for it when armed).
-        pub(crate) fn coalesce_due(&mut self) -> bool {
-            let armed = self.coalesce_armed;
-            if armed {
-                self.handle(TOK_COALESCE, EventSet::IN, &mut NoReg);
-            }
-            armed
         }
 
         /// Add an in-memory backend.

@@ -52,9 +52,6 @@ pub enum MuxError {
     /// eventfd creation failed.
     #[error("cannot create the console hub's eventfd: {0}")]
     EventFd(io::Error),
-    /// timerfd creation failed.
-    #[error("cannot create the console hub's timer: {0}")]
-    Timer(io::Error),
     /// Too many frontends on one hub.
     #[error("too many console devices on one console (at most {0})")]
     TooManyFrontends(usize),

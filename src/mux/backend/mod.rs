@@ -110,8 +110,6 @@ pub(crate) mod mem {
         pub fail: Option<io::ErrorKind>,
         /// Every successful read, tagged with a global sequence number.
         pub read_log: Vec<(u64, Vec<u8>)>,
-        /// Successful write calls.
-        pub writes: usize,
     }
 
     static READ_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -144,7 +142,6 @@ pub(crate) mod mem {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             s.written.extend_from_slice(&buf[..n]);
-            s.writes += 1;
             Ok(n)
         }
 
