@@ -20,7 +20,7 @@ fi
 log "nesting: $(kvm_mode_reason)."
 log "running microvm inside an L1 VM (QEMU TCG -cpu max, kvm_amd nested=1): expect ~15-30 s to the guest shell."
 log "L1 powers off when microvm exits (guest 'poweroff -f')."
-# L1 has 2 CPUs: keep the vCPU and the event loop apart (TCG's nested SVM can wedge an
-# L1 CPU running an L2 that spins with interrupts off; see docs/BENCHMARKS.md).
+# L1 keeps CPU 1 for vCPU threads (isolcpus; TCG's nested SVM can wedge an L1 CPU
+# running an L2 that spins with interrupts off; see docs/RIG.md).
 exec "$ROOT/scripts/rig.sh" --interactive --bin "$bin" -- \
     /rig/microvm --kernel /rig/vmlinuz --initrd /rig/initrd.gz --vcpu-affinity 1 "${extra[@]}" "$@"

@@ -608,7 +608,8 @@ fn print_default_cmdline_follows_the_console_setup() {
     let with = microvm(&["--print-default-cmdline"]);
     assert_eq!(with.code, 0, "{}", with.stderr);
     assert!(
-        with.stdout.starts_with("earlycon=uart8250,io,0x3f8 console=hvc0 "),
+        with.stdout
+            .starts_with("earlycon=uart8250,io,0x3f8 console=hvc0 "),
         "{}",
         with.stdout
     );

@@ -102,7 +102,7 @@ flood_cmd() { # size dev
     echo "mvcmd=\"head -c $1 /dev/urandom > /tmp/f; exec 3<>$2; stty -F $2 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); cat /tmp/f > $2; echo; echo FLOOD-END-\$((1+1))\""
 }
 
-hvc_size=${BENCH_HVC_BYTES:-4194304}
+hvc_size=${BENCH_HVC_BYTES:-16777216}
 i=1
 while want hvc && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
     cmd=$(flood_cmd "$hvc_size" /dev/hvc0)

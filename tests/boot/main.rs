@@ -773,9 +773,17 @@ fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
         }
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             let picture = hang_picture(ctx);
+            let exe = ctx
+                .bin
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
             for l in ctx.live.lock().unwrap().iter() {
-                // SAFETY: kill(2) with a pid we spawned; a stale pid only fails (ESRCH).
-                unsafe { libc::kill(l.pid as i32, libc::SIGKILL) };
+                // Only a pid that still runs microvm (one the case reaped may be reused).
+                let cmd = std::fs::read(format!("/proc/{}/cmdline", l.pid)).unwrap_or_default();
+                if exe.as_ref().is_some_and(|e| contains(&cmd, e.as_bytes())) {
+                    // SAFETY: kill(2) has no memory effects; the pid runs our microvm.
+                    unsafe { libc::kill(l.pid as i32, libc::SIGKILL) };
+                }
             }
             // Give the case a moment to notice; a thread still stuck is left behind.
             let late = rx.recv_timeout(Duration::from_secs(20));
