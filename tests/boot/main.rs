@@ -702,20 +702,39 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         .flat_map(|c| std::iter::repeat_n(*c, repeat))
         .collect();
     println!("\nrunning {} tests", cases.len());
-    let (mut passed, mut failures) = (0, Vec::new());
+    let (mut passed, mut failures, mut hung_once) = (0, Vec::new(), Vec::new());
     for (name, f) in &cases {
         print!("test {name} ... ");
         let _ = std::io::stdout().flush();
         let t = Instant::now();
-        let left = budget.saturating_sub(start.elapsed());
-        ctx.timeout = Duration::from_secs(timeout).min(left);
-        let res = if left.is_zero() {
-            Err(format!(
-                "suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"
-            ))
-        } else {
-            run_guarded(&ctx, *f)
+        let mut attempt = || {
+            let left = budget.saturating_sub(start.elapsed());
+            ctx.timeout = Duration::from_secs(timeout).min(left);
+            if left.is_zero() {
+                Err(Outcome::Failed(format!(
+                    "suite time budget ({budget:?}, MICROVM_TEST_BUDGET) spent; not run"
+                )))
+            } else {
+                run_guarded(&ctx, *f)
+            }
         };
+        // A case the watchdog had to stop gets one more attempt, said loudly: in the
+        // nested rig L1 itself has been seen to wedge (TCG's nested SVM), and one such
+        // hiccup must not hide the other cases' results. The first attempt's picture
+        // stays in the log, and the summary lists the case.
+        let res = match attempt() {
+            Err(Outcome::Hung(picture)) => {
+                println!("HUNG; the watchdog's picture:\n{picture}\n");
+                print!("test {name} (second attempt after a hang) ... ");
+                let _ = std::io::stdout().flush();
+                hung_once.push(*name);
+                attempt()
+            }
+            other => other,
+        }
+        .map_err(|o| match o {
+            Outcome::Failed(m) | Outcome::Hung(m) => m,
+        });
         let secs = t.elapsed().as_secs_f64();
         match res {
             Ok(()) => {
@@ -730,6 +749,12 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
         }
         eprintln!("boot: {name} took {secs:.1}s");
     }
+    if !hung_once.is_empty() {
+        println!("\ncases the watchdog stopped once (see HUNG above):");
+        for n in &hung_once {
+            println!("    {n}");
+        }
+    }
     if !failures.is_empty() {
         println!("\nfailures:");
         for n in &failures {
@@ -743,6 +768,14 @@ fn run_cases(cases: &[(&'static str, CaseFn)], filtered: usize, inner: bool) -> 
     if failures.is_empty() { 0 } else { 101 }
 }
 
+/// Why a case did not pass.
+enum Outcome {
+    /// It returned an error (or panicked).
+    Failed(String),
+    /// The watchdog stopped it; the text is where it was stuck.
+    Hung(String),
+}
+
 /// How long past its own deadline a case may run before the watchdog steps in.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(60);
 
@@ -752,7 +785,7 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(60);
 /// plus `WATCHDOG_GRACE` the watchdog fails the case with a picture of where everything
 /// is stuck (the case's threads and the microvm processes it started: state, wchan,
 /// kernel stacks, console tails), kills those processes and moves on to the next case.
-fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
+fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), Outcome> {
     ctx.live.lock().unwrap().clear();
     let (tx, rx) = std::sync::mpsc::channel();
     let case_ctx = ctx.clone();
@@ -761,15 +794,17 @@ fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
         .spawn(move || {
             let _ = tx.send(f(&case_ctx));
         })
-        .map_err(|e| format!("cannot start the case's thread: {e}"))?;
+        .map_err(|e| Outcome::Failed(format!("cannot start the case's thread: {e}")))?;
     match rx.recv_timeout(ctx.timeout + WATCHDOG_GRACE) {
         Ok(res) => {
             let _ = worker.join();
-            res
+            res.map_err(Outcome::Failed)
         }
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             let _ = worker.join();
-            Err("the case panicked (see its message above)".into())
+            Err(Outcome::Failed(
+                "the case panicked (see its message above)".into(),
+            ))
         }
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             let picture = hang_picture(ctx);
@@ -787,7 +822,7 @@ fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
             }
             // Give the case a moment to notice; a thread still stuck is left behind.
             let late = rx.recv_timeout(Duration::from_secs(20));
-            Err(format!(
+            Err(Outcome::Hung(format!(
                 "the case was still running {WATCHDOG_GRACE:?} past its deadline ({:?}): the \
                  watchdog killed its microvm processes ({}).\n{picture}",
                 ctx.timeout,
@@ -795,7 +830,7 @@ fn run_guarded(ctx: &Ctx, f: CaseFn) -> Result<(), String> {
                     Ok(_) => "it then returned",
                     Err(_) => "it is still stuck and left behind",
                 }
-            ))
+            )))
         }
     }
 }
