@@ -2,6 +2,9 @@
 //! (PVM included: it runs real-mode code). They drive the real UART, bus, vCPU loop,
 //! event loop and ACPI power-off path.
 
+#[path = "common/pty.rs"]
+mod pty;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -670,35 +673,12 @@ fn sigterm_sigint_and_sighup_stop_cleanly_with_128_plus_n() {
 
 #[test]
 fn sigterm_restores_the_terminal() {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: out-params are valid; null name/termios/winsize are allowed.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0);
-    let termios = |fd| {
-        // SAFETY: zeroed termios is valid; tcgetattr fills it.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: t is valid and writable.
-        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
-        t
-    };
-    let before = termios(slave);
+    use std::os::fd::AsRawFd;
+    let (_master, slave) = pty::openpty(None).unwrap();
+    let termios = |fd| pty::termios(fd).unwrap();
+    let before = termios(slave.as_raw_fd());
     assert!(before.c_lflag & libc::ICANON != 0);
-    // SAFETY: slave is a valid fd; dup gives owned copies for the child's stdin/stdout.
-    let (sin, sout) = unsafe {
-        (
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-        )
-    };
+    let (sin, sout) = (slave.try_clone().unwrap(), slave.try_clone().unwrap());
     let mut vm = Vmm::start(
         "pty",
         &echo_guest(),
@@ -706,19 +686,16 @@ fn sigterm_restores_the_terminal() {
         Stdio::from(sin),
         Stdio::from(sout),
     );
-    vm.wait_for("raw mode", |_| termios(slave).c_lflag & libc::ICANON == 0);
+    vm.wait_for("raw mode", |_| {
+        termios(slave.as_raw_fd()).c_lflag & libc::ICANON == 0
+    });
     vm.signal(libc::SIGTERM);
     let st = vm.wait();
     assert_eq!(st.code(), Some(143), "stderr {}", vm.stderr());
-    let after = termios(slave);
+    let after = termios(slave.as_raw_fd());
     assert_eq!(after.c_lflag, before.c_lflag, "terminal restored");
     assert_eq!(after.c_iflag, before.c_iflag);
     assert_eq!(after.c_oflag, before.c_oflag);
-    // SAFETY: closing our pty fds.
-    unsafe {
-        libc::close(master);
-        libc::close(slave);
-    }
 }
 
 #[test]

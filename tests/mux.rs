@@ -1,6 +1,9 @@
 //! Integration tests of the console hub: a real `Hub`, real unix/TCP sockets in temp dirs,
 //! driven by a real `event_manager::EventManager` loop on a thread. No KVM.
 
+#[path = "common/pty.rs"]
+mod pty;
+
 use event_manager::{EventManager, SubscriberOps};
 use microvm::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter};
 use std::io::{Read, Write};
@@ -591,12 +594,8 @@ fn stdin_eof_and_closed_stdout_do_not_stop_the_vm() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-fn termios(fd: RawFd) -> libc::termios {
-    // SAFETY: zeroed termios is valid; tcgetattr fills it.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: t is valid and writable.
-    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
-    t
+fn termios(fd: &impl AsRawFd) -> libc::termios {
+    pty::termios(fd.as_raw_fd()).unwrap()
 }
 
 fn read_pty_until(master: RawFd, needle: &str) -> String {
@@ -629,35 +628,18 @@ fn read_pty_until(master: RawFd, needle: &str) -> String {
 
 #[test]
 fn tty_raw_mode_escape_keys_and_restore_on_quit() {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: out-params are valid; null name/termios/winsize are allowed.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0);
-    let before = termios(slave);
+    let (pty_master, slave) = pty::openpty(None).unwrap();
+    let master = pty_master.as_raw_fd();
+    let before = termios(&slave);
     assert!(before.c_lflag & libc::ICANON != 0);
-    // SAFETY: slave is a fresh fd we own; dup gives a second one for stdout.
-    let (sin, sout) = unsafe {
-        (
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-        )
-    };
+    let (sin, sout) = (slave.try_clone().unwrap(), slave.try_clone().unwrap());
     let mut ch = child("tty", "stdio")
         .stdin(std::process::Stdio::from(sin))
         .stdout(std::process::Stdio::from(sout))
         .spawn()
         .unwrap();
     read_pty_until(master, "tick 2");
-    let raw = termios(slave);
+    let raw = termios(&slave);
     assert!(
         raw.c_lflag & (libc::ICANON | libc::ECHO) == 0,
         "raw mode while running"
@@ -669,7 +651,7 @@ fn tty_raw_mode_escape_keys_and_restore_on_quit() {
     unsafe { libc::write(master, b"\x01x".as_ptr().cast(), 2) };
     let st = ch.wait().unwrap();
     assert!(st.success(), "{st:?}");
-    let after = termios(slave);
+    let after = termios(&slave);
     assert_eq!(
         after.c_lflag, before.c_lflag,
         "terminal restored after Ctrl-A x"
@@ -677,36 +659,25 @@ fn tty_raw_mode_escape_keys_and_restore_on_quit() {
     assert_eq!(after.c_oflag, before.c_oflag);
 
     // Killed by SIGTERM: the handler restores the terminal, then the default action runs.
-    // SAFETY: slave is valid; dup gives owned copies.
-    let (sin, sout) = unsafe {
-        (
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-            OwnedFd::from_raw_fd(libc::dup(slave)),
-        )
-    };
+    let (sin, sout) = (slave.try_clone().unwrap(), slave.try_clone().unwrap());
     let mut ch = child("tty", "stdio")
         .stdin(std::process::Stdio::from(sin))
         .stdout(std::process::Stdio::from(sout))
         .spawn()
         .unwrap();
     read_pty_until(master, "tick 2");
-    assert!(termios(slave).c_lflag & libc::ICANON == 0);
+    assert!(termios(&slave).c_lflag & libc::ICANON == 0);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(ch.id() as i32, libc::SIGTERM) };
     let st = ch.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(st.signal(), Some(libc::SIGTERM), "{st:?}");
-    let after = termios(slave);
+    let after = termios(&slave);
     assert_eq!(
         after.c_lflag, before.c_lflag,
         "terminal restored after Ctrl-A x"
     );
     assert_eq!(after.c_oflag, before.c_oflag);
-    // SAFETY: closing our pty fds.
-    unsafe {
-        libc::close(master);
-        libc::close(slave);
-    }
 }
 
 #[test]

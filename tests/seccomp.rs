@@ -4,7 +4,10 @@
 //! installed: microvm must die with one line naming the thread and the syscall, status 1,
 //! and the terminal restored; with `--no-seccomp` the same run must go on as usual.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+#[path = "common/pty.rs"]
+mod pty;
+
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -111,30 +114,8 @@ fn filtered_run_is_unchanged() {
     assert!(seccomp_lines(&out.stderr).is_empty());
 }
 
-fn openpty() -> (OwnedFd, OwnedFd) {
-    let (mut m, mut s) = (-1, -1);
-    // SAFETY: openpty writes two fds into the live locals; name, termios and winsize are
-    // null (defaults).
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
-}
-
 fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
-    // SAFETY: a zeroed termios is a valid value; tcgetattr fills it.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is a live local the call writes into.
-    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
-    t.c_lflag
+    pty::termios(fd.as_raw_fd()).unwrap().c_lflag
 }
 
 /// On a terminal (raw mode on), the SIGSYS handler restores the terminal before exiting,
@@ -142,7 +123,7 @@ fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
 #[test]
 fn violation_on_a_terminal_restores_it() {
     for (hook, thread) in [("vcpu", "vcpu0"), ("event-loop", "event-loop")] {
-        let (master, slave) = openpty();
+        let (master, slave) = pty::openpty(None).unwrap();
         let cooked = lflag(&slave);
         assert_ne!(cooked & libc::ICANON, 0);
         let img = image(&format!("pty-{hook}"));

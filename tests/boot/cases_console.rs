@@ -5,14 +5,14 @@
 //! the UART's early output shares the same hub stream.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::{
-    CaseFn, Client, Ctx, INIT_MARK, SHELL_MARK, Scratch, connect, contains, find, md5_hex, pump,
-    wait_until,
+    CaseFn, Client, Ctx, INIT_MARK, SHELL_MARK, Scratch, connect, contains, find, md5_hex, pty,
+    pump, wait_until,
 };
 
 pub const CASES: &[(&str, CaseFn)] = &[
@@ -377,7 +377,8 @@ fn console_socket_paste_1mib(ctx: &Ctx) -> Result<(), String> {
 /// terminal's and follows a resize (SIGWINCH), Ctrl-A h shows the keys, Ctrl-A x quits
 /// with status 0, and the terminal is back in its original (cooked) mode afterwards.
 fn console_terminal_size_and_escape(ctx: &Ctx) -> Result<(), String> {
-    let (master, slave) = openpty(37, 101)?;
+    let (master, slave) = pty::openpty(Some((37, 101))).map_err(|e| format!("openpty: {e}"))?;
+    let termios = |fd| pty::termios(fd).map_err(|e| format!("tcgetattr: {e}"));
     let before = termios(master.as_raw_fd())?;
     let mut cmd = ctx.command(&[]);
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("dup pty: {e}"));
@@ -403,7 +404,7 @@ fn console_terminal_size_and_escape(ctx: &Ctx) -> Result<(), String> {
     vm.send("stty size\n")?;
     vm.wait_for("37 101")?;
 
-    set_winsize(master.as_raw_fd(), 40, 120)?;
+    pty::set_winsize(master.as_raw_fd(), 40, 120).map_err(|e| format!("TIOCSWINSZ: {e}"))?;
     // The resize reaches the guest asynchronously (signal -> event loop -> config
     // interrupt): ask until it shows, within the case's deadline.
     let deadline = vm.deadline;
@@ -439,48 +440,4 @@ fn console_terminal_size_and_escape(ctx: &Ctx) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// A new pty pair with the given size: (master, slave).
-fn openpty(rows: u16, cols: u16) -> Result<(OwnedFd, OwnedFd), String> {
-    let (mut m, mut s) = (-1, -1);
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two fds into the live locals; the name buffer is null and
-    // the termios pointer null (defaults); `ws` outlives the call.
-    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
-    if r != 0 {
-        return Err(format!("openpty: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) })
-}
-
-fn set_winsize(fd: i32, rows: u16, cols: u16) -> Result<(), String> {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize from the live local.
-    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-        return Err(format!("TIOCSWINSZ: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// The pty's terminal modes (through the master, which reports the slave's).
-fn termios(fd: i32) -> Result<libc::termios, String> {
-    // SAFETY: a zeroed termios is a valid value; tcgetattr fills it.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is a live local the call writes into.
-    if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
-        return Err(format!("tcgetattr: {}", std::io::Error::last_os_error()));
-    }
-    Ok(t)
 }
