@@ -42,11 +42,12 @@ knobs=(BENCH_N="$N" BENCH_MEM_MIB="$MEM" BENCH_CMDLINE="$CMDLINE" BENCH_ONLY="${
        BENCH_UART_BYTES="${BENCH_UART_BYTES:-262144}" BENCH_RSS_BYTES="${BENCH_RSS_BYTES:-104857600}"
        BENCH_MICROVM_ARGS="${BENCH_MICROVM_ARGS:-}"
        BENCH_RUN_TIMEOUT="${BENCH_RUN_TIMEOUT:-240}")
-if [ "$(kvm_mode)" != direct ]; then BENCH_PIN=${BENCH_PIN:-1}; fi
+kmode=$(kvm_mode)
+if [ "$kmode" != direct ]; then BENCH_PIN=${BENCH_PIN:-1}; fi
 knobs+=(BENCH_PIN="${BENCH_PIN:-0}")
 envs=()
 for k in "${knobs[@]}"; do envs+=(--env "$k"); done
-if [ "$(kvm_mode)" = direct ]; then
+if [ "$kmode" = direct ]; then
     log "direct mode: $(kvm_mode_reason)"
     mode="direct (host KVM)"
     env "${knobs[@]}" MICROVM_BIN="$bin" MICROVM_KERNEL="$GUEST_DIR/vmlinuz" MICROVM_INITRD="$GUEST_DIR/initrd.gz" \
