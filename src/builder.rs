@@ -17,12 +17,11 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
 use crate::config::{BootSource, ConfigError, VmConfig};
 use crate::console_checks::ConsoleChecks;
-use crate::devices::ConsoleSink;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
-use crate::devices::uart::Uart;
+use crate::devices::uart::{Uart, UartInput};
 use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::console::{
     Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
@@ -72,6 +71,9 @@ pub enum BuildError {
     /// A console hub could not be set up (a socket path in use, a missing directory...).
     #[error(transparent)]
     Console(#[from] MuxError),
+    /// A signal handler could not be installed.
+    #[error(transparent)]
+    Signals(#[from] crate::signals::SignalError),
     /// The seccomp filters could not be built or their SIGSYS handler installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
@@ -105,7 +107,7 @@ impl BuildError {
         matches!(
             self,
             BuildError::Config(_)
-                | BuildError::Console(MuxError::StdioTaken)
+                | BuildError::Console(MuxError::FdBudget(_))
                 | BuildError::Boot(
                     boot::BootError::CmdlineTooLong { .. } | boot::BootError::InitrdTooLarge { .. }
                 )
@@ -180,30 +182,6 @@ fn load_guest(
     }
 }
 
-/// The UART as a console hub frontend: input goes into its receive FIFO, and its
-/// "drained" eventfd tells the hub when the guest has emptied it.
-struct UartInput<W: ConsoleSink> {
-    uart: Arc<Mutex<Uart<W>>>,
-    drained: Arc<EventFd>,
-}
-
-impl<W: ConsoleSink> FrontendInput for UartInput<W> {
-    fn accept(&mut self, data: &[u8]) -> usize {
-        self.uart
-            .lock()
-            .map(|mut u| u.enqueue_input(data))
-            .unwrap_or(0)
-    }
-
-    fn drained_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(self.drained.as_ref())
-    }
-
-    fn ack_drained(&mut self) {
-        let _ = self.drained.read();
-    }
-}
-
 /// Creates a console hub for `spec`, watched for guest panics and by the run's
 /// `--expect`/`--fail-on` checks.
 fn create_hub(
@@ -228,6 +206,10 @@ fn create_consoles(
     exit: &ExitNotifier,
     checks: &ConsoleChecks,
 ) -> Result<Consoles, BuildError> {
+    // Every socket client needs a file descriptor: check the limit before any exists.
+    let clients = config.console.max_clients()
+        + config.serial.as_ref().map_or(0, ConsoleSpec::max_clients);
+    crate::mux::check_fd_budget(clients).map_err(MuxError::from)?;
     let mut consoles = Consoles {
         hubs: Vec::new(),
         quit: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?,
@@ -249,21 +231,11 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
     let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let irq = vm.irqfd(COM1_IRQ)?;
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
-    let writer = hub.writer_for("ttyS0");
-    let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), writer)));
-    hub.add_frontend(
-        "ttyS0",
-        Box::new(UartInput {
-            uart: uart.clone(),
-            drained,
-        }),
-    )?;
-    let paced = uart.clone();
-    hub.on_decongested(Box::new(move || {
-        if let Ok(mut u) = paced.lock() {
-            u.raise_thre();
-        }
-    }));
+    let uart = hub.attach_frontend("ttyS0", |out| {
+        let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), out)));
+        let input: Box<dyn FrontendInput> = Box::new(UartInput::new(uart.clone(), drained));
+        (input, uart)
+    })?;
     pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart)?;
     Ok(())
 }
@@ -318,11 +290,7 @@ fn create_virtio_console(
     };
     let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
     let interrupt = VirtioInterrupt::new(vm.irqfd(VIRTIO_IRQ_BASE)?);
-    let mut console = Console::new(hub.writer_for("hvc0"), interrupt.clone());
     let tty_size = term::terminal_size(libc::STDOUT_FILENO);
-    if let Some((cols, rows)) = tty_size {
-        console.set_size(cols, rows);
-    }
     let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
     let tx_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
     let notify = IoEventAddress::Mmio(VIRTIO_MMIO_START + QUEUE_NOTIFY_OFFSET);
@@ -331,19 +299,27 @@ fn create_virtio_console(
             .register_ioevent(evt, &notify, queue as u32)
             .map_err(kvm_err("KVM_IOEVENTFD"))?;
     }
-    console.set_input_ready_event(rx_evt.clone());
-    let console: Arc<Mutex<VirtioConsole>> = Arc::new(Mutex::new(console));
-    // Pacing: the device leaves transmit chains queued while the hub is congested; this
-    // hook makes the transmit handler look again once the hub has caught up.
+    // Pacing: the device leaves transmit chains queued while the hub is congested; the
+    // hub kicks the transmit handler to look again once its consumers have caught up.
     let resume = tx_evt.try_clone().map_err(host_err("eventfd"))?;
-    hub.on_decongested(Box::new(move || {
-        let _ = resume.write(1);
-    }));
+    let console: Arc<Mutex<VirtioConsole>> = hub.attach_frontend("hvc0", |out| {
+        let mut console = Console::new(out, interrupt.clone());
+        if let Some((cols, rows)) = tty_size {
+            console.set_size(cols, rows);
+        }
+        console.set_input_ready_event(rx_evt.clone());
+        let console = Arc::new(Mutex::new(console));
+        let input: Box<dyn FrontendInput> = Box::new(VirtioInput {
+            input: ConsoleInput::new(console.clone(), rx_evt.clone()),
+            resume,
+        });
+        (input, console)
+    })?;
     // The guest's hvc0 follows the host terminal's size (VIRTIO_CONSOLE_F_SIZE).
     if tty_size.is_some() {
         let resized = console.clone();
         let watcher = term::ResizeWatcher::new(
-            term::resize_events().map_err(host_err("SIGWINCH eventfd"))?,
+            crate::signals::resize_events()?,
             libc::STDOUT_FILENO,
             Box::new(move |cols, rows| {
                 if let Ok(mut c) = resized.lock() {
@@ -361,8 +337,36 @@ fn create_virtio_console(
     )?;
     let tx_handler = ConsoleTxHandler::new(console.clone(), tx_evt).map_err(host_err("timerfd"))?;
     event_manager.add_subscriber(Arc::new(Mutex::new(tx_handler)));
-    hub.add_frontend("hvc0", Box::new(ConsoleInput::new(console, rx_evt)))?;
     Ok(())
+}
+
+/// The virtio console's hub frontend: its input side, and the transmit handler's
+/// eventfd, kicked when the hub's consumers have caught up.
+struct VirtioInput {
+    input: ConsoleInput<HubWriter, Arc<VirtioInterrupt>>,
+    resume: EventFd,
+}
+
+impl FrontendInput for VirtioInput {
+    fn accept(&mut self, data: &[u8]) -> usize {
+        self.input.accept(data)
+    }
+
+    fn drained_fd(&self) -> std::os::fd::RawFd {
+        self.input.drained_fd()
+    }
+
+    fn ack_drained(&mut self) {
+        self.input.ack_drained();
+    }
+
+    fn is_open(&self) -> bool {
+        self.input.is_open()
+    }
+
+    fn resume_output(&mut self) {
+        let _ = self.resume.write(1);
+    }
 }
 
 /// The DSDT entry through which ACPI kernels find the virtio console.
@@ -393,7 +397,6 @@ fn start_vcpus(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu::install_kick_handler()?;
     let mut fds = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let fd = vm
@@ -447,6 +450,9 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let vm = Vm::new(&kvm, &mem)?;
     vm.setup_irqchip()?;
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
+    // Before any console exists: the terminal is restored on every exit path from the
+    // moment raw mode can be entered.
+    crate::signals::install_for_vm(&exit, config.seccomp)?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
     let acpi_devices: Vec<acpi::AcpiDevice> = config
@@ -471,7 +477,6 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     // Everything is set up: from here on each thread may do only what its filter allows.
     // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
     let seccomp = if config.seccomp {
-        crate::seccomp::install_sigsys_handler()?;
         Some(SeccompStart {
             filters: Arc::new(Filters::build()?),
             gate: Arc::new(Barrier::new(usize::from(config.vcpus) + 1)),

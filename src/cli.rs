@@ -179,17 +179,20 @@ impl RunArgs {
                 pvm_guest: self.pvm_guest,
             },
         };
+        let console = config::parse_console("console", &self.console)?;
+        let serial = self
+            .serial
+            .as_deref()
+            .map(|s| config::parse_console("serial", s))
+            .transpose()?;
+        config::check_consoles(&console, serial.as_ref())?;
         Ok(VmConfig {
             boot,
             memory,
             // clap bounds it to 1..=MAX_VCPUS.
             vcpus: u8::try_from(self.vcpus).unwrap_or(MAX_VCPUS),
-            console: config::parse_console("console", &self.console)?,
-            serial: self
-                .serial
-                .as_deref()
-                .map(|s| config::parse_console("serial", s))
-                .transpose()?,
+            console,
+            serial,
             virtio_console: !self.no_virtio_console && self.real_mode_image.is_none(),
             vcpu_affinity: match &self.vcpu_affinity {
                 Some(list) => config::parse_cpu_list(list, config::host_cpus())?,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::mux::{ConsoleSpec, SpecError};
+use crate::units::{self, SizeUnit};
 
 /// The default kernel command line with the UART as the only console, chosen for a fast
 /// microVM boot: the console on the 16550, reset through the i8042 (`reboot=k`), reboot one
@@ -100,6 +101,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// `--console` and `--serial` both name `stdio`.
+    #[error("stdio is already used by another console: --console and --serial cannot both use it")]
+    StdioTwice,
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -175,37 +179,15 @@ pub struct Checks {
     pub tail_lines: usize,
 }
 
-/// Parses `90`, `90s`, `1500ms`, `5m`, `1h` (a bare number is seconds).
+/// Parses `90`, `90s`, `1500ms`, `5m`, `1h` (a bare number is seconds; see
+/// [`crate::units`]).
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
-    let bad = || ConfigError::BadDuration(s.to_string());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
-        "m" | "min" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }
-    .ok_or_else(bad)?;
-    if ms == 0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_millis(ms))
+    units::parse_duration(s).ok_or_else(|| ConfigError::BadDuration(s.to_string()))
 }
 
 /// A duration as the user would write it (`90s`, `1500ms`, `5m`).
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(60_000) && ms >= 60_000 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
+    units::format_duration(d)
 }
 
 /// Checks `--expect`/`--fail-on` patterns (non-empty).
@@ -291,34 +273,18 @@ pub fn parse_console(option: &'static str, spec: &str) -> Result<ConsoleSpec, Co
     })
 }
 
-/// Parses sizes like `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`,
-/// `16777216B` (bytes).
+/// Parses a `--memory` size: `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`,
+/// `16777216B` (bytes); see [`crate::units`].
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    // "iB" needs a multiplier before it (KiB); a bare "B" means bytes.
-    let (t, bytes_unit, needs_multiplier) = if let Some(rest) = t.strip_suffix("iB") {
-        (rest, false, true)
-    } else if let Some(rest) = t.strip_suffix('B') {
-        (rest, true, false)
-    } else {
-        (t, false, false)
-    };
-    let (digits, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ if needs_multiplier => return Err(bad()),
-        _ if bytes_unit => (t, 0),
-        // A plain number is MiB.
-        _ => (t, 20),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
+    units::parse_size(s, SizeUnit::MiB).ok_or_else(|| ConfigError::BadSize(s.to_string()))
+}
+
+/// Checks that at most one console hub owns the terminal.
+pub fn check_consoles(console: &ConsoleSpec, serial: Option<&ConsoleSpec>) -> Result<(), ConfigError> {
+    if console.has_stdio() && serial.is_some_and(ConsoleSpec::has_stdio) {
+        return Err(ConfigError::StdioTwice);
     }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift).ok_or_else(bad)
+    Ok(())
 }
 
 /// Checks a memory size against the minimum, alignment and the host's RAM.

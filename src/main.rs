@@ -1,5 +1,6 @@
 //! microvm's entry point: parse -> build -> run -> report -> exit status.
 
+use std::io::Write;
 use std::time::Instant;
 
 use clap::Parser;
@@ -7,44 +8,48 @@ use clap::Parser;
 use microvm::cli::{Cli, Command};
 use microvm::config::{Checks, VmConfig};
 use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE, ExitReason};
-// Errors quote paths and values as given: one line on stderr whatever they contain.
-use microvm::mux::spec::one_line;
+// Every line goes through the logger: one line whatever it quotes, never blocking on a
+// stderr nobody reads, never panicking on a closed one.
+use microvm::logging::final_line;
 use microvm::report;
 use microvm::vmm::Outcome;
 
 fn main() {
     let started = Instant::now();
+    microvm::logging::init();
     let cli = Cli::parse();
     if let Some(Command::Attach { socket, read_only }) = cli.command {
+        microvm::signals::install_for_client();
         let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
+            final_line(&e.to_string());
             EXIT_RUNTIME_ERROR
         });
         std::process::exit(code);
     }
     if cli.run.print_default_cmdline {
         // The line `--cmdline-replace` stands in for, for the console set-up asked for.
-        println!(
-            "{}",
-            if cli.run.no_virtio_console {
-                microvm::config::DEFAULT_CMDLINE
-            } else {
-                microvm::config::DEFAULT_CMDLINE_VIRTIO
-            }
-        );
-        return;
+        let line = if cli.run.no_virtio_console {
+            microvm::config::DEFAULT_CMDLINE
+        } else {
+            microvm::config::DEFAULT_CMDLINE_VIRTIO
+        };
+        let status = match writeln!(std::io::stdout(), "{line}") {
+            Ok(()) => 0,
+            Err(_) => EXIT_RUNTIME_ERROR,
+        };
+        std::process::exit(status);
     }
     let config = match cli.run.to_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
+            final_line(&e.to_string());
             std::process::exit(EXIT_USAGE);
         }
     };
     let vmm = match microvm::builder::build(&config, started) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
+            final_line(&e.to_string());
             let code = if e.is_usage() {
                 EXIT_USAGE
             } else {
@@ -57,7 +62,7 @@ fn main() {
     let outcome = vmm.run();
     let code = outcome.reason.exit_code();
     if code != 0 {
-        eprintln!("microvm: {}", one_line(&outcome.reason.to_string()));
+        final_line(&outcome.reason.to_string());
     }
     show_outcome(&config, &outcome);
     finish(&config.checks, &outcome.reason, code, Some(&outcome));
@@ -67,12 +72,12 @@ fn main() {
 fn show_outcome(config: &VmConfig, outcome: &Outcome) {
     if config.checks.boot_timer {
         match outcome.boot_time {
-            Some(t) => eprintln!(
-                "microvm: boot time: {:.1} ms (microvm start to the guest's boot-timer write)",
+            Some(t) => final_line(&format!(
+                "boot time: {:.1} ms (microvm start to the guest's boot-timer write)",
                 t.as_secs_f64() * 1000.0
-            ),
-            None => eprintln!(
-                "microvm: boot time: unknown: the guest never wrote to the boot-timer register (0xc0000001 or port 0xf5)"
+            )),
+            None => final_line(
+                "boot time: unknown: the guest never wrote to the boot-timer register (0xc0000001 or port 0xf5)",
             ),
         }
     }
@@ -86,9 +91,9 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
             continue;
         }
         let which = if i == 0 { "--console" } else { "--serial" };
-        eprintln!("microvm: last {} lines of the {which} output:", lines.len());
+        final_line(&format!("last {} lines of the {which} output:", lines.len()));
         for l in lines {
-            eprintln!("  | {l}");
+            microvm::logging::final_raw(&format!("  | {l}"));
         }
     }
 }
@@ -98,7 +103,7 @@ fn finish(checks: &Checks, reason: &ExitReason, code: i32, outcome: Option<&Outc
     if let Some(path) = &checks.report {
         let text = report::render(checks, reason, code, outcome);
         if let Err(e) = report::write_atomic(path, &text) {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
+            final_line(&e.to_string());
             if code == 0 {
                 std::process::exit(EXIT_RUNTIME_ERROR);
             }

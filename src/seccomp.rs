@@ -200,6 +200,9 @@ fn common_rules(
         libc::SYS_gettid,
         libc::SYS_exit,
         libc::SYS_exit_group,
+        // The logger writes to stderr only when poll says it takes a line now.
+        libc::SYS_poll,
+        libc::SYS_ppoll,
     ] {
         rules.insert(nr, Vec::new());
     }
@@ -210,7 +213,7 @@ fn common_rules(
         libc::SYS_tgkill,
         vec![SeccompRule::new(vec![arg_eq(0, pid as u64)?])?],
     );
-    // O_NONBLOCK on stdio and its restore (terminal restore paths).
+    // File status flags: a reopened (rotated) log file gets O_NONBLOCK cleared.
     rules.insert(
         libc::SYS_fcntl,
         any_of(1, &[libc::F_GETFL as u64, libc::F_SETFL as u64])?,
@@ -258,8 +261,6 @@ pub fn event_loop_rules(pid: libc::pid_t) -> Rules {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
-        libc::SYS_poll,
-        libc::SYS_ppoll,
         libc::SYS_timerfd_settime,
         libc::SYS_accept4,
         libc::SYS_recvfrom,

@@ -1,7 +1,6 @@
 //! The running VM: the event loop on the main thread, and an orderly shutdown.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,33 +21,6 @@ use crate::vstate::vm::Vm;
 const LOOP_TIMEOUT_MS: i32 = 500;
 /// How long a vCPU thread may take to leave KVM_RUN once kicked.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The eventfd the signal handler writes to (-1 until installed).
-static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
-/// The last terminating signal received (0 if none).
-static SIGNAL_RECEIVED: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SIGNAL_RECEIVED.store(sig, Ordering::SeqCst);
-    let fd = SIGNAL_EVENT_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live local.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-/// Routes SIGTERM, SIGINT and SIGHUP to a clean shutdown, and ignores SIGPIPE so that a
-/// closed console consumer never kills the VM.
-fn install_signal_handlers(exit: &ExitNotifier) {
-    SIGNAL_EVENT_FD.store(exit.event().as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // Failing leaves the default action (terminate), which is still an exit.
-        let _ = vmm_sys_util::signal::register_signal_handler(sig, on_terminate);
-    }
-    // SAFETY: setting SIGPIPE's disposition to SIG_IGN has no memory-safety requirements.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-}
 
 /// The console hubs, and the eventfd their escape key (Ctrl-A x) writes to quit.
 pub struct Consoles {
@@ -73,8 +45,7 @@ impl MutEventSubscriber for ExitWatcher {
             return;
         }
         let _ = self.exit.event().read();
-        let sig = SIGNAL_RECEIVED.load(Ordering::SeqCst);
-        if sig != 0 {
+        if let Some(sig) = crate::signals::stop_signal() {
             self.exit.exit(ExitReason::Signal(sig));
         }
     }
@@ -140,7 +111,6 @@ impl Vmm {
         guest: (Vm, GuestMemory),
         seccomp: Option<SeccompStart>,
     ) -> Vmm {
-        install_signal_handlers(&exit);
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             exit: exit.clone(),
             quit: consoles.quit,
@@ -184,9 +154,21 @@ impl Vmm {
                 // Round up: waking just before the deadline would spin.
                 wait_ms = wait_ms.min(i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX));
             }
-            if let Err(e) = self.event_manager.run_with_timeout(wait_ms) {
-                self.exit
-                    .exit(ExitReason::Error(format!("event loop failed: {e:?}")));
+            // A panic in a device or the hub stops the VM (the panic hook recorded the
+            // reason) instead of unwinding past the shutdown below.
+            let em = &mut self.event_manager;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::signals::test_panic("event-loop");
+                em.run_with_timeout(wait_ms)
+            }));
+            match ran {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => self
+                    .exit
+                    .exit(ExitReason::Error(format!("event loop failed: {e:?}"))),
+                Err(_) => self
+                    .exit
+                    .exit(ExitReason::Error("internal error: the event loop panicked".into())),
             }
             self.checks.checks.poll();
         }
@@ -196,11 +178,13 @@ impl Vmm {
         }
         // Deliver what the guest wrote before it stopped (and let the panic watch see it),
         // then flush lossless backends, remove socket files and restore the terminal.
-        let _ = self.event_manager.run_with_timeout(0);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.event_manager.run_with_timeout(0)
+        }));
         let mut consoles = Vec::with_capacity(self.hubs.len());
         for hub in &self.hubs {
             let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
-            hub.shutdown();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hub.shutdown()));
             consoles.push((hub.stats(), hub.history()));
         }
         let reason = self

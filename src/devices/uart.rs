@@ -11,13 +11,15 @@
 //! output like on a slow line; [`Uart::raise_thre`] tells it when to resume. vm-superio
 //! itself always reports THR empty, so this is done around it.
 
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ConsoleSink;
+use crate::mux::FrontendInput;
 use super::bus::BusDevice;
 
 pub mod fuzzing;
@@ -115,6 +117,44 @@ impl<W: ConsoleSink> BusDevice for Uart<W> {
         // Errors are a failed output write (the sink is non-blocking and reports none) or a
         // failed interrupt write; the guest carries on either way, as with a real UART.
         let _ = self.serial.write(offset as u8, data[0]);
+    }
+}
+
+/// The UART as a console hub frontend: input goes into its receive FIFO, its "drained"
+/// eventfd tells the hub when the guest has emptied it, and THRE is raised again when
+/// the hub's consumers have caught up after a congestion.
+pub struct UartInput<W: ConsoleSink> {
+    uart: Arc<Mutex<Uart<W>>>,
+    drained: Arc<EventFd>,
+}
+
+impl<W: ConsoleSink> UartInput<W> {
+    /// Input side of `uart`, whose FIFO drains signal `drained`.
+    pub fn new(uart: Arc<Mutex<Uart<W>>>, drained: Arc<EventFd>) -> Self {
+        UartInput { uart, drained }
+    }
+}
+
+impl<W: ConsoleSink> FrontendInput for UartInput<W> {
+    fn accept(&mut self, data: &[u8]) -> usize {
+        self.uart
+            .lock()
+            .map(|mut u| u.enqueue_input(data))
+            .unwrap_or(0)
+    }
+
+    fn drained_fd(&self) -> RawFd {
+        self.drained.as_raw_fd()
+    }
+
+    fn ack_drained(&mut self) {
+        let _ = self.drained.read();
+    }
+
+    fn resume_output(&mut self) {
+        if let Ok(mut u) = self.uart.lock() {
+            u.raise_thre();
+        }
     }
 }
 

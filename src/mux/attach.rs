@@ -8,7 +8,8 @@
 //! relayed until the VM closes the console.
 
 use super::MuxError;
-use super::term::{self, EscapeAction, EscapeKeys, EscapeParser, RawMode};
+use super::escape::{EscapeAction, EscapeKeys, EscapeParser};
+use super::term::{self, RawMode};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -74,7 +75,7 @@ pub fn attach_fds(
             "[microvm attach: {}{}; {}]",
             path.display(),
             if read_only { ", read-only" } else { "" },
-            term::ATTACH_ESCAPE_HELP
+            super::escape::ATTACH_ESCAPE_HELP
         ));
     }
     let mut parser = EscapeParser::new(EscapeKeys::Attach);

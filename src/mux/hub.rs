@@ -1,70 +1,85 @@
-//! The hub: one ordered output stream fanned out to every backend, and one serialized
-//! input stream from every backend to the input-target frontend.
+//! The hub: routes each event to the part that owns it, and shuts down.
 //!
-//! Threads: [`HubWriter`] runs on vCPU threads and only appends to a mutex-protected byte
-//! queue and kicks an eventfd. Everything else runs on the event-loop thread inside
-//! [`Hub`] (driven by `event_manager` through `MutEventSubscriber`).
+//! Threads: [`HubWriter`] runs on vCPU threads and only appends to the writer queue and
+//! kicks an eventfd (`writer.rs`). Everything else runs on the event-loop thread inside
+//! [`Hub`], driven by `event_manager` through `MutEventSubscriber`.
 //!
-//! Ordering: the writer queue is a single byte vector appended under its lock, so each
-//! `write` call is one contiguous chunk of the stream; the event loop takes the whole
-//! queue at once and offers it to every backend in the same order. A backend either
-//! receives the bytes or is dropped (cut off): no backend ever sees a reordered stream.
+//! Event routing (one epoll token per source of events):
+//!
+//! | token | what woke us | goes to |
+//! |---|---|---|
+//! | `Wake` | a frontend wrote | [`Hub::drain_writer`] -> [`Hub::emit`] (the fan-out) |
+//! | `Timer` | an idle deadline or the end of an accept back-off | `expire_idle`, listeners |
+//! | `Frontend(i)` | the guest drained frontend `i`'s input | `frontend.rs` (more input is fed) |
+//! | `Listener(i)` | a client connects | `listener.rs` (admission) |
+//! | `Endpoint(id)` | a backend is readable or writable | its sink (`fanout.rs`), its source -> `input.rs` |
+//!
+//! After every event, [`Hub::settle`] feeds held input to the target frontend, removes
+//! dead endpoints, brings each fd's epoll interest in line with its state, and updates
+//! the congestion the frontends see.
+//!
+//! Ordering: the writer queue is one byte vector appended under its lock, so each
+//! `write` is one contiguous chunk of the stream; [`Hub::emit`] offers each chunk to the
+//! observers, the ring and every sink in the same order. A sink either receives the bytes
+//! or is cut off; no backend ever sees a reordered stream.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::MuxError;
-use super::backend::Port;
 use super::backend::file::FilePort;
 use super::backend::socket::{self, Listener};
 use super::backend::stdio::{StdinPort, StdoutPort};
+use super::endpoint::{Endpoint, InputMode, Limits, Owner, Read, Role, plan};
+use super::escape::{EscapeAction, STDIO_ESCAPE_HELP};
+use super::fanout::Policy;
+use super::frontend::{FrontendInput, Frontends, MAX_FRONTENDS};
+use super::input::InputQueue;
+use super::listener::{Accepted, Keyboard, ListenerState, READ_ONLY_NOTICE, busy_message};
 use super::ring::ByteRing;
-use super::spec::{BackendSpec, ConsoleSpec, Listen, SockSpec};
-use super::term::{self, EscapeAction, EscapeKeys, EscapeParser, RawMode, log_line};
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use super::spec::{BackendSpec, ConsoleSpec, Listen};
+use super::stats::{BackendStats, HubStats, MemoryUse};
+use super::term::RawMode;
+use super::timer::Timer;
+use super::writer::{HubWriter, Shared, WriterConfig};
 
 pub mod fuzzing;
-
-const TOK_WAKE: u32 = 0;
-const TOK_STDIN: u32 = 1;
-const TOK_STDOUT: u32 = 2;
-const TOK_LISTENER: u32 = 16;
-const TOK_FRONTEND: u32 = 64;
-const TOK_DYNAMIC: u32 = 1024;
-/// Most frontends one hub takes.
-pub const MAX_FRONTENDS: usize = (TOK_DYNAMIC - TOK_FRONTEND) as usize;
-/// Most listeners one hub takes (more than the spec allows).
-const MAX_LISTENERS: usize = (TOK_FRONTEND - TOK_LISTENER) as usize;
 
 /// An output observer: sees every chunk of the stream, in order, on the event-loop thread.
 pub type Observer = Box<dyn FnMut(&[u8]) + Send>;
 
-/// Only one hub in the process may own stdin/stdout.
-static STDIO_CLAIMED: AtomicBool = AtomicBool::new(false);
-
 /// Tunables; [`HubConfig::default`] is what `Hub::new` uses.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// `HubWriter::congested()` is true while queued + lossless backlog exceeds this.
+    /// Frontends are told the output is congested while queued output plus the largest
+    /// lossless backlog exceed this.
     pub high_water: usize,
-    /// Hard cap of the writer queue and of each lossless backend's backlog. Beyond it
-    /// bytes are dropped (counted, and a notice is put in the stream) instead of growing
-    /// memory without bound when a guest ignores the pacing.
+    /// Most bytes the writer queue holds, and most a lossless sink queues; beyond it
+    /// bytes are dropped (counted, with a notice in the stream) instead of memory
+    /// growing without bound when a guest ignores the pacing.
     pub hard_cap: usize,
+    /// Most a drop-and-count sink (a FIFO or device log) queues.
+    pub drop_queue: usize,
     /// Input bytes held for the guest; sources stop being read while it is full.
     pub input_capacity: usize,
     /// History replayed to new socket clients when the spec has no `ring`.
     pub history: usize,
     /// Largest single read from an input source.
     pub read_chunk: usize,
-    /// How long `shutdown` waits for a terminal that takes none of the rest of the
-    /// output (one that keeps taking it is waited for, up to `shutdown_limit`).
-    pub shutdown_timeout: Duration,
+    /// A full listener lets a new client in by closing one idle at least this long.
+    pub evict_idle: Duration,
+    /// How long `shutdown` waits for a terminal that takes none of the rest of the output.
+    pub shutdown_idle: Duration,
+    /// How long `shutdown` waits for a socket client that takes none of it.
+    pub shutdown_client_idle: Duration,
     /// The longest `shutdown` waits for the terminal and socket clients in all.
     pub shutdown_limit: Duration,
 }
@@ -74,188 +89,53 @@ impl Default for HubConfig {
         HubConfig {
             high_water: 256 << 10,
             hard_cap: 16 << 20,
+            drop_queue: 1 << 20,
             input_capacity: 64 << 10,
             history: super::spec::DEFAULT_RING_SIZE,
             read_chunk: 4096,
-            shutdown_timeout: Duration::from_secs(2),
-            shutdown_limit: Duration::from_secs(60),
+            evict_idle: Duration::from_secs(30),
+            shutdown_idle: Duration::from_secs(2),
+            shutdown_client_idle: Duration::from_secs(1),
+            shutdown_limit: Duration::from_secs(5),
         }
     }
 }
 
-/// State shared between the writers (vCPU threads) and the hub.
-struct Shared {
-    queue: Mutex<Vec<u8>>,
-    /// Bytes in `queue`.
-    queued: AtomicUsize,
-    /// Largest backlog of a lossless backend (kept by the hub).
-    backlog: AtomicUsize,
-    /// Bytes refused by the writer because the queue hit the hard cap.
-    dropped: AtomicU64,
-    /// Someone saw `congested() == true` since the last decongestion callback.
-    reported: AtomicBool,
-    high_water: usize,
-    hard_cap: usize,
-    wake: EventFd,
+/// What woke the hub (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Wake,
+    Timer,
+    Frontend(usize),
+    Listener(usize),
+    Endpoint(u32),
 }
 
-impl Shared {
-    fn congested(&self) -> bool {
-        self.queued.load(Ordering::Acquire) + self.backlog.load(Ordering::Acquire) > self.high_water
-    }
-}
+const TAG_SHIFT: u32 = 28;
+const INDEX_MASK: u32 = (1 << TAG_SHIFT) - 1;
 
-/// A frontend's output sink (give it to the UART as its `Write`). Called on the vCPU
-/// thread; never blocks on I/O: each `write` appends the whole buffer as one chunk to the
-/// hub's queue and wakes the event loop.
-#[derive(Clone)]
-pub struct HubWriter {
-    shared: Arc<Shared>,
-    /// Bytes this writer (and its clones) put into the stream (see [`Hub::writer_for`]).
-    sent: Arc<AtomicU64>,
-}
-
-impl HubWriter {
-    /// True while the hub's output is above its high-water mark (a lossless backend such
-    /// as the terminal is behind). A UART can hold THRE low meanwhile to pace the guest
-    /// like a real slow line; the hub calls the `on_decongested` hook when it clears.
-    pub fn congested(&self) -> bool {
-        let c = self.shared.congested();
-        if c {
-            self.shared.reported.store(true, Ordering::Release);
+impl Token {
+    fn encode(self) -> u32 {
+        // Indexes are bounded (frontends, listeners) or masked (endpoint ids).
+        match self {
+            Token::Wake => 0,
+            Token::Timer => 1,
+            Token::Frontend(i) => (1 << TAG_SHIFT) | (i as u32 & INDEX_MASK),
+            Token::Listener(i) => (2 << TAG_SHIFT) | (i as u32 & INDEX_MASK),
+            Token::Endpoint(id) => (3 << TAG_SHIFT) | (id & INDEX_MASK),
         }
-        c
     }
-}
 
-impl HubWriter {
-    /// True while a lossless backend is more than the high-water mark behind (output not
-    /// yet picked up by the hub does not count). Reports like [`HubWriter::congested`].
-    pub fn backlogged(&self) -> bool {
-        let c = self.shared.backlog.load(Ordering::Acquire) > self.shared.high_water;
-        if c {
-            self.shared.reported.store(true, Ordering::Release);
+    fn decode(v: u32) -> Option<Token> {
+        let i = v & INDEX_MASK;
+        match v >> TAG_SHIFT {
+            0 if i == 0 => Some(Token::Wake),
+            0 if i == 1 => Some(Token::Timer),
+            1 => Some(Token::Frontend(i as usize)),
+            2 => Some(Token::Listener(i as usize)),
+            3 => Some(Token::Endpoint(i)),
+            _ => None,
         }
-        c
-    }
-}
-
-impl std::fmt::Debug for HubWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubWriter")
-            .field("queued", &self.shared.queued.load(Ordering::Relaxed))
-            .finish()
-    }
-}
-
-impl Write for HubWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let was_empty;
-        {
-            // A poisoned lock only means another writer panicked mid-append; the bytes
-            // are still a valid Vec, so keep going.
-            let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() + buf.len() > self.shared.hard_cap {
-                self.shared
-                    .dropped
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                return Ok(buf.len());
-            }
-            was_empty = q.is_empty();
-            q.extend_from_slice(buf);
-            self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            self.shared.queued.store(q.len(), Ordering::Release);
-        }
-        if was_empty {
-            // The hub drains the whole queue per wake-up, so only the first chunk after a
-            // drain needs to kick it. An eventfd write only fails on counter overflow.
-            let _ = self.shared.wake.write(1);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// What went through a hub ([`Hub::stats`]), for `--report`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HubStats {
-    /// Bytes of the output stream (what every backend was offered).
-    pub output_bytes: u64,
-    /// Input bytes the frontends took.
-    pub input_bytes: u64,
-    /// Per frontend device.
-    pub frontends: Vec<FrontendStats>,
-    /// Per backend (socket clients are counted per listener instead).
-    pub backends: Vec<BackendStats>,
-    /// Per socket listener.
-    pub listeners: Vec<ListenerStats>,
-}
-
-/// One frontend's traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FrontendStats {
-    /// `ttyS0`, `hvc0`.
-    pub name: String,
-    /// Bytes the guest wrote through it.
-    pub bytes_out: u64,
-    /// Bytes of input it took.
-    pub bytes_in: u64,
-}
-
-/// One backend's traffic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackendStats {
-    /// `stdout`, `stdin`, `file PATH`, `ring`.
-    pub name: String,
-    /// Bytes delivered to it (for `ring`: bytes that went through it).
-    pub bytes_out: u64,
-    /// Bytes it lost (a lossless backend beyond the hard cap).
-    pub dropped: u64,
-    /// Bytes typed into it.
-    pub bytes_in: u64,
-    /// `open`, or `closed` (failed or hung up while the VM ran).
-    pub state: &'static str,
-}
-
-/// One socket listener's clients, all of them together.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListenerStats {
-    /// The socket path or TCP address.
-    pub name: String,
-    /// Clients accepted.
-    pub clients_seen: u64,
-    /// Clients connected now.
-    pub clients_now: usize,
-    /// Clients cut off because they stopped reading.
-    pub clients_cut_off: u64,
-    /// Clients refused (over `max-clients`).
-    pub clients_refused: u64,
-    /// Bytes delivered to clients (history replay included).
-    pub bytes_out: u64,
-    /// Bytes clients typed.
-    pub bytes_in: u64,
-}
-
-/// Implemented by each frontend device; called on the event-loop thread to deliver input.
-pub trait FrontendInput: Send {
-    /// Offer bytes; returns how many the device took (0 when its FIFO/queue is full).
-    fn accept(&mut self, data: &[u8]) -> usize;
-    /// An fd that becomes readable when the device drained its input (e.g. an EventFd the
-    /// UART signals from vm-superio's `in_buffer_empty`); the hub then offers more.
-    fn drained_fd(&self) -> RawFd;
-    /// Read/clear the drained fd.
-    fn ack_drained(&mut self) {}
-    /// Whether the guest is using this console for input now. Input follows the guest: it
-    /// goes to the last-registered frontend that is open (a virtio console once the guest
-    /// has opened its port, the UART before), until the user picks one with Ctrl-A c.
-    fn is_open(&self) -> bool {
-        true
     }
 }
 
@@ -277,9 +157,7 @@ struct OpsReg<'a, 'b>(&'a mut EventOps<'b>);
 
 impl Reg for OpsReg<'_, '_> {
     fn add(&mut self, fd: RawFd, token: u32, set: EventSet) -> io::Result<()> {
-        self.0
-            .add(Events::with_data_raw(fd, token, set))
-            .map_err(em_err)
+        self.0.add(Events::with_data_raw(fd, token, set)).map_err(em_err)
     }
     fn modify(&mut self, fd: RawFd, token: u32, set: EventSet) -> io::Result<()> {
         self.0
@@ -308,308 +186,8 @@ impl Reg for NoReg {
     }
 }
 
-/// What happens when a backend's output queue would exceed its limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Policy {
-    /// Keep everything up to the hard cap (pacing the guest through `congested`);
-    /// beyond it drop and say so in that backend's stream.
-    Lossless,
-    /// Disconnect the backend (a socket client that stopped reading).
-    CutOff,
-}
-
-struct OutQueue {
-    chunks: VecDeque<(Arc<[u8]>, usize)>,
-    bytes: usize,
-    limit: usize,
-    policy: Policy,
-    dropped: u64,
-}
-
-impl OutQueue {
-    fn new(policy: Policy, limit: usize) -> Self {
-        OutQueue {
-            chunks: VecDeque::new(),
-            bytes: 0,
-            limit,
-            policy,
-            dropped: 0,
-        }
-    }
-}
-
-/// How input read from a backend is treated.
-pub(crate) enum InMode {
-    /// Goes to the guest.
-    Plain,
-    /// The VMM's terminal: Ctrl-A escapes are handled first.
-    Escapes(EscapeParser),
-    /// Read and dropped (read-only viewers).
-    Discard,
-}
-
-struct InState {
-    mode: InMode,
-    eof: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Stdout,
-    Stdin,
-    File,
-    Client {
-        listener: usize,
-        id: u64,
-    },
-    #[cfg(test)]
-    Mem,
-}
-
-struct Endpoint {
-    name: String,
-    port: Box<dyn Port>,
-    /// Pollable fd (None: never polled).
-    fd: Option<RawFd>,
-    /// Interest currently registered with epoll.
-    reg: Option<EventSet>,
-    /// Input readable without polling (peer hung up, or stdin is a regular file).
-    parked: bool,
-    out: Option<OutQueue>,
-    input: Option<InState>,
-    kind: Kind,
-    /// Set when the endpoint is to be removed; the message is logged (if any).
-    dead: Option<Option<String>>,
-    /// Single-writer: Ctrl-A w parser for non-holders, and "you are read-only" told once.
-    takeover: EscapeParser,
-    told_readonly: bool,
-    /// Bytes written to it, and bytes it dropped (lossless overflow) or typed.
-    written: u64,
-    dropped: u64,
-    typed: u64,
-    /// Cut off by its queue's policy (a socket client that stopped reading).
-    cut_off: bool,
-}
-
-impl Endpoint {
-    fn new(name: String, port: Box<dyn Port>, kind: Kind) -> Self {
-        let fd = port.fd();
-        Endpoint {
-            name,
-            port,
-            fd,
-            reg: None,
-            parked: false,
-            out: None,
-            input: None,
-            kind,
-            dead: None,
-            takeover: EscapeParser::new(EscapeKeys::TakeOver),
-            told_readonly: false,
-            written: 0,
-            dropped: 0,
-            typed: 0,
-            cut_off: false,
-        }
-    }
-
-    fn kill(&mut self, why: Option<String>) {
-        if self.dead.is_none() {
-            self.dead = Some(why);
-        }
-    }
-
-    /// The output side failed: stop writing; the endpoint goes away unless it still has
-    /// input to deliver.
-    fn out_failed(&mut self, why: String) {
-        self.out = None;
-        let input_live = self.input.as_ref().is_some_and(|i| !i.eof);
-        if !input_live {
-            let quiet = matches!(self.kind, Kind::Client { .. });
-            self.kill((!quiet).then_some(why));
-        }
-    }
-
-    fn pending(&self) -> usize {
-        self.out.as_ref().map_or(0, |o| o.bytes)
-    }
-
-    fn stats(&self, state: &'static str) -> BackendStats {
-        BackendStats {
-            name: self.name.clone(),
-            bytes_out: self.written,
-            dropped: self.dropped,
-            bytes_in: self.typed,
-            state,
-        }
-    }
-
-    /// Write queued output until it would block. Adds the drop notice when a lossless
-    /// backend catches up after dropping.
-    fn flush(&mut self) {
-        loop {
-            let Some(out) = self.out.as_mut() else {
-                return;
-            };
-            let Some((buf, off)) = out.chunks.front_mut() else {
-                if out.dropped > 0 {
-                    let msg = format!(
-                        "\r\n[microvm: {} bytes of console output dropped here: {} too slow]\r\n",
-                        out.dropped, self.name
-                    );
-                    out.dropped = 0;
-                    out.bytes += msg.len();
-                    out.chunks.push_back((Arc::from(msg.as_bytes()), 0));
-                    continue;
-                }
-                return;
-            };
-            match self.port.write(&buf[*off..]) {
-                Ok(0) => return,
-                Ok(n) => {
-                    *off += n;
-                    out.bytes -= n;
-                    self.written += n as u64;
-                    if *off == buf.len() {
-                        out.chunks.pop_front();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    let why = format!("console backend {} dropped: {e}", self.name);
-                    self.out_failed(why);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Offer a chunk of the stream: write directly when nothing is queued, queue the rest
-    /// under the backend's policy. `shared` is the chunk as an `Arc`, made on first need.
-    fn offer(&mut self, data: &[u8], shared: &mut Option<Arc<[u8]>>) {
-        let Some(out) = self.out.as_mut() else {
-            return;
-        };
-        let mut off = 0;
-        if out.bytes == 0 {
-            while off < data.len() {
-                match self.port.write(&data[off..]) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        off += n;
-                        self.written += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        let why = format!("console backend {} dropped: {e}", self.name);
-                        self.out_failed(why);
-                        return;
-                    }
-                }
-            }
-            if off == data.len() {
-                return;
-            }
-        }
-        let rest = data.len() - off;
-        if out.bytes + rest > out.limit {
-            match out.policy {
-                Policy::Lossless => {
-                    out.dropped += rest as u64;
-                    self.dropped += rest as u64;
-                }
-                Policy::CutOff => {
-                    self.cut_off = true;
-                    let why = format!(
-                        "console {} cut off: it stopped reading (more than {} bytes behind)",
-                        self.name, out.limit
-                    );
-                    self.out = None;
-                    self.kill(Some(why));
-                }
-            }
-            return;
-        }
-        let arc = shared.get_or_insert_with(|| Arc::from(data)).clone();
-        out.bytes += rest;
-        out.chunks.push_back((arc, off));
-    }
-
-    /// A message for this backend only (not part of the console stream).
-    fn notice(&mut self, msg: &str) {
-        if let Some(out) = self.out.as_mut() {
-            out.bytes += msg.len();
-            out.chunks.push_back((Arc::from(msg.as_bytes()), 0));
-        }
-        self.flush();
-    }
-}
-
-struct ListenerState {
-    l: Listener,
-    spec: SockSpec,
-    clients: usize,
-    holder: Option<u32>,
-    next_id: u64,
-    registered: bool,
-    /// Clients gone so far: cut off, refused (over max-clients), and their byte counts.
-    cut_off: u64,
-    refused: u64,
-    gone_written: u64,
-    gone_typed: u64,
-}
-
-struct Frontend {
-    name: String,
-    input: Box<dyn FrontendInput>,
-    registered: bool,
-    /// Input bytes the device took.
-    bytes_in: u64,
-}
-
-/// The console hub. Create it from a [`ConsoleSpec`], add frontends, register it with an
-/// `event_manager::EventManager` (it registers its own fds in `init`), and call
-/// [`Hub::shutdown`] when the VMM stops (dropping it does the same).
-pub struct Hub {
-    cfg: HubConfig,
-    shared: Arc<Shared>,
-    exit: EventFd,
-    spare: Vec<u8>,
-    history: ByteRing,
-    endpoints: BTreeMap<u32, Endpoint>,
-    listeners: Vec<ListenerState>,
-    frontends: Vec<Frontend>,
-    target: usize,
-    /// The user chose the target with Ctrl-A c: stop following the guest.
-    target_pinned: bool,
-    input: VecDeque<u8>,
-    observers: Vec<Observer>,
-    on_decongested: Vec<Box<dyn FnMut() + Send>>,
-    next_token: u32,
-    initialized: bool,
-    shut: bool,
-    stdio: bool,
-    raw: Option<RawMode>,
-    scratch: Vec<u8>,
-    /// Output counters of the frontends' writers ([`Hub::writer_for`]).
-    sent: Vec<(String, Arc<AtomicU64>)>,
-    /// Backends (not socket clients) removed so far.
-    retired: Vec<BackendStats>,
-    /// The spec has a `ring` backend.
-    has_ring: bool,
-}
-
-impl std::fmt::Debug for Hub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
-            .field("endpoints", &self.endpoints.len())
-            .field("listeners", &self.listeners.len())
-            .field("frontends", &self.frontends.len())
-            .finish()
-    }
-}
-
-enum ReadOutcome {
+/// What reading from a source gave.
+enum Outcome {
     Data,
     Eof,
     WouldBlock,
@@ -617,17 +195,69 @@ enum ReadOutcome {
     Failed,
 }
 
+/// How the last shutdown went (tests check the bound).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownSummary {
+    /// Consumers that still had output pending when shutdown stopped waiting.
+    pub gave_up: usize,
+    /// Stopped because the overall limit was reached (not because all was delivered or
+    /// every consumer stopped taking output).
+    pub hit_limit: bool,
+}
+
+/// The console hub. Create it from a [`ConsoleSpec`], attach frontends, register it
+/// with an `event_manager::EventManager` (it registers its own fds in `init`), and call
+/// [`Hub::shutdown`] when the VMM stops (dropping it does the same).
+pub struct Hub {
+    cfg: HubConfig,
+    limits: Limits,
+    shared: Arc<Shared>,
+    /// Written (1) when the user quits from the terminal (Ctrl-A x).
+    quit: EventFd,
+    /// The output stream's last bytes: history, and every client's backlog.
+    ring: ByteRing,
+    /// Bytes of history replayed to a new client and reported as the `ring`.
+    history: usize,
+    has_ring: bool,
+    observers: Vec<Observer>,
+    frontends: Frontends,
+    input: InputQueue,
+    endpoints: BTreeMap<u32, Endpoint>,
+    listeners: Vec<ListenerState>,
+    /// The stdout endpoint, for notices meant for the VMM's terminal only.
+    stdout: Option<u32>,
+    timer: Timer,
+    next_id: u32,
+    initialized: bool,
+    shut: bool,
+    raw: Option<RawMode>,
+    spare: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Backends (not socket clients) removed so far.
+    retired: Vec<BackendStats>,
+    last_shutdown: Option<ShutdownSummary>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("endpoints", &self.endpoints.len())
+            .field("listeners", &self.listeners.len())
+            .finish()
+    }
+}
+
 impl Hub {
-    /// A hub with the backends of `spec`. `exit` is written (1) when the user asks to
+    /// A hub with the backends of `spec`. `quit` is written (1) when the user asks to
     /// stop the VM (Ctrl-A x on the terminal).
-    pub fn new(spec: &ConsoleSpec, exit: EventFd) -> Result<Hub, MuxError> {
-        Self::with_config(spec, exit, HubConfig::default())
+    pub fn new(spec: &ConsoleSpec, quit: EventFd) -> Result<Hub, MuxError> {
+        Self::with_config(spec, quit, HubConfig::default())
     }
 
     /// [`Hub::new`] with explicit tunables.
-    pub fn with_config(spec: &ConsoleSpec, exit: EventFd, cfg: HubConfig) -> Result<Hub, MuxError> {
+    pub fn with_config(spec: &ConsoleSpec, quit: EventFd, cfg: HubConfig) -> Result<Hub, MuxError> {
         let history = spec.ring_size().unwrap_or(cfg.history);
-        let mut hub = Hub::bare(exit, cfg, history)?;
+        let mut hub = Hub::bare(quit, cfg, history)?;
         // On error `hub` drops and `shutdown` undoes what was set up so far (socket
         // files); log files it created are removed here.
         for b in &spec.backends {
@@ -641,50 +271,65 @@ impl Hub {
         Ok(hub)
     }
 
-    fn bare(exit: EventFd, cfg: HubConfig, history: usize) -> Result<Hub, MuxError> {
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(MuxError::EventFd)?;
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Vec::new()),
-            queued: AtomicUsize::new(0),
-            backlog: AtomicUsize::new(0),
-            dropped: AtomicU64::new(0),
-            reported: AtomicBool::new(false),
+    pub(crate) fn bare(quit: EventFd, cfg: HubConfig, history: usize) -> Result<Hub, MuxError> {
+        let shared = Shared::new(WriterConfig {
             high_water: cfg.high_water,
             hard_cap: cfg.hard_cap,
-            wake,
-        });
-        let read_chunk = cfg.read_chunk.max(1);
+        })
+        .map_err(MuxError::EventFd)?;
+        let timer = Timer::new().map_err(MuxError::EventFd)?;
         Ok(Hub {
-            input: VecDeque::with_capacity(cfg.input_capacity.min(1 << 20)),
+            limits: Limits {
+                lossless: cfg.hard_cap,
+                drop_and_count: cfg.drop_queue,
+                history,
+            },
+            input: InputQueue::new(cfg.input_capacity),
+            scratch: vec![0; cfg.read_chunk.max(1)],
             cfg,
             shared,
-            exit,
-            spare: Vec::new(),
-            history: ByteRing::new(history),
+            quit,
+            ring: ByteRing::new(history),
+            history,
+            has_ring: false,
+            observers: Vec::new(),
+            frontends: Frontends::default(),
             endpoints: BTreeMap::new(),
             listeners: Vec::new(),
-            frontends: Vec::new(),
-            target: 0,
-            target_pinned: false,
-            observers: Vec::new(),
-            on_decongested: Vec::new(),
-            next_token: TOK_DYNAMIC,
+            stdout: None,
+            timer,
+            next_id: 0,
             initialized: false,
             shut: false,
-            stdio: false,
             raw: None,
-            scratch: vec![0; read_chunk],
-            sent: Vec::new(),
+            spare: Vec::new(),
             retired: Vec::new(),
-            has_ring: false,
+            last_shutdown: None,
         })
     }
 
-    fn alloc_token(&mut self) -> u32 {
-        // Tokens are never reused, so a stale event can never hit a new endpoint.
-        let t = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1).max(TOK_DYNAMIC);
-        t
+    /// A fresh endpoint id. Ids are not reused while the hub lives (2^28 of them), so
+    /// a stale event can never reach a new endpoint.
+    fn alloc_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = (self.next_id + 1) & INDEX_MASK;
+            if !self.endpoints.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Adds an endpoint; its cut-off sink (if any) gets a ring that holds its limit.
+    pub(crate) fn insert(&mut self, ep: Endpoint) -> u32 {
+        if let Some(s) = &ep.sink
+            && s.policy() == Policy::CutOff
+        {
+            self.ring.grow_to(s.limit());
+        }
+        let id = self.alloc_id();
+        self.endpoints.insert(id, ep);
+        id
     }
 
     fn add_backend(&mut self, b: &BackendSpec) -> Result<(), MuxError> {
@@ -696,186 +341,90 @@ impl Hub {
             }
             BackendSpec::File(f) => {
                 let port = FilePort::open(f)?;
-                let t = self.alloc_token();
-                let mut ep = Endpoint::new(
-                    format!("file {}", f.path.display()),
-                    Box::new(port),
-                    Kind::File,
-                );
-                ep.out = Some(OutQueue::new(Policy::Lossless, self.cfg.hard_cap));
-                self.endpoints.insert(t, ep);
+                let role = Role::Log {
+                    regular: port.is_regular(),
+                };
+                let name = format!("file {}", f.path.display());
+                let ep = Endpoint::new(name, Box::new(port), Owner::Backend, plan(role, &self.limits), 0);
+                self.insert(ep);
                 Ok(())
             }
             BackendSpec::Sock(s) => {
-                if self.listeners.len() >= MAX_LISTENERS {
-                    return Err(super::spec::SpecError::TooMany(self.listeners.len() + 1).into());
-                }
-                let l = match &s.listen {
+                let sock = match &s.listen {
                     Listen::Unix(Some(p)) => socket::bind_unix(p, s.mode)?,
                     Listen::Unix(None) => {
                         let p = socket::default_socket_path();
                         let l = socket::bind_unix(&p, s.mode)?;
-                        log_line(&format!("console socket: {}", p.display()));
+                        log::info!("console socket: {}", p.display());
                         l
                     }
                     Listen::Tcp(a) => socket::bind_tcp(*a)?,
                 };
-                self.listeners.push(ListenerState {
-                    l,
-                    spec: s.clone(),
-                    clients: 0,
-                    holder: None,
-                    next_id: 1,
-                    registered: false,
-                    cut_off: 0,
-                    refused: 0,
-                    gone_written: 0,
-                    gone_typed: 0,
-                });
+                // Every client may fall this far behind: the ring keeps that much.
+                self.ring.grow_to(s.queue.max(self.history));
+                self.listeners.push(ListenerState::new(sock, s.clone()));
                 Ok(())
             }
         }
     }
 
     fn add_stdio(&mut self) -> Result<(), MuxError> {
-        if STDIO_CLAIMED
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return Err(MuxError::StdioTaken);
-        }
-        self.stdio = true;
-        // A closed stdout must not kill the VM (Rust binaries already ignore SIGPIPE;
-        // make sure of it for embedders too).
-        // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        }
-        term::set_stdio_nonblocking(libc::STDOUT_FILENO)?;
         self.raw = RawMode::enter(libc::STDIN_FILENO)?;
-        let mut out = Endpoint::new("stdout".into(), Box::new(StdoutPort), Kind::Stdout);
-        out.out = Some(OutQueue::new(Policy::Lossless, self.cfg.hard_cap));
-        self.endpoints.insert(TOK_STDOUT, out);
-        let mut inp = Endpoint::new("stdin".into(), Box::new(StdinPort), Kind::Stdin);
-        let mode = if self.raw.is_some() {
-            InMode::Escapes(EscapeParser::new(EscapeKeys::Stdio))
-        } else {
-            InMode::Plain
-        };
-        inp.input = Some(InState { mode, eof: false });
-        self.endpoints.insert(TOK_STDIN, inp);
+        let stdout = StdoutPort::open().map_err(MuxError::Stdout)?;
+        let ep = Endpoint::new(
+            "stdout".into(),
+            Box::new(stdout),
+            Owner::Backend,
+            plan(Role::Stdout, &self.limits),
+            0,
+        );
+        self.stdout = Some(self.insert(ep));
+        let tty = self.raw.is_some();
+        let ep = Endpoint::new(
+            "stdin".into(),
+            Box::new(StdinPort),
+            Owner::Backend,
+            plan(Role::Stdin { tty }, &self.limits),
+            0,
+        );
+        self.insert(ep);
         Ok(())
     }
 
-    /// Registers a console frontend (the UART now, virtio-console later). Input goes to
-    /// the first frontend until Ctrl-A c switches. Returns the frontend's output writer.
+    /// Attaches a console frontend named `name` (`ttyS0`, `hvc0`): `make` gets the
+    /// frontend's output writer and returns its input side and whatever the caller
+    /// wants back (e.g. the device). What it writes is counted under `name`.
+    pub fn attach_frontend<R>(
+        &mut self,
+        name: &str,
+        make: impl FnOnce(HubWriter) -> (Box<dyn FrontendInput>, R),
+    ) -> Result<R, MuxError> {
+        let sent = Arc::new(AtomicU64::new(0));
+        let (input, r) = make(HubWriter::new(self.shared.clone(), sent.clone()));
+        self.frontends
+            .attach(name, input, sent)
+            .ok_or(MuxError::TooManyFrontends(MAX_FRONTENDS))?;
+        if self.initialized {
+            // Get the event loop to watch the drained fd and offer held input.
+            self.shared.kick();
+        }
+        Ok(r)
+    }
+
+    /// [`Hub::attach_frontend`] for a frontend whose input side exists already; returns
+    /// its output writer.
     pub fn add_frontend(
         &mut self,
         name: &str,
         input: Box<dyn FrontendInput>,
     ) -> Result<HubWriter, MuxError> {
-        if self.frontends.len() >= MAX_FRONTENDS {
-            return Err(MuxError::TooManyFrontends(MAX_FRONTENDS));
-        }
-        self.frontends.push(Frontend {
-            name: name.to_string(),
-            input,
-            registered: false,
-            bytes_in: 0,
-        });
-        if self.initialized {
-            // Get the event loop to register the drained fd and offer held input.
-            let _ = self.shared.wake.write(1);
-        }
-        Ok(self.writer())
+        self.attach_frontend(name, |w| (input, w))
     }
 
-    /// Another writer on the same output stream (e.g. for VMM messages).
+    /// Another writer on the same output stream, counted under no frontend (e.g. for
+    /// VMM messages).
     pub fn writer(&self) -> HubWriter {
-        HubWriter {
-            shared: self.shared.clone(),
-            sent: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// A frontend's writer: what it writes is counted under `name` in [`Hub::stats`].
-    pub fn writer_for(&mut self, name: &str) -> HubWriter {
-        let w = self.writer();
-        self.sent.push((name.to_string(), w.sent.clone()));
-        w
-    }
-
-    /// What went through the hub so far: per frontend, per backend, per socket listener.
-    pub fn stats(&self) -> HubStats {
-        let mut frontends: Vec<FrontendStats> = self
-            .sent
-            .iter()
-            .map(|(name, n)| FrontendStats {
-                name: name.clone(),
-                bytes_out: n.load(Ordering::Relaxed),
-                bytes_in: 0,
-            })
-            .collect();
-        for fe in &self.frontends {
-            match frontends.iter_mut().find(|f| f.name == fe.name) {
-                Some(f) => f.bytes_in += fe.bytes_in,
-                None => frontends.push(FrontendStats {
-                    name: fe.name.clone(),
-                    bytes_out: 0,
-                    bytes_in: fe.bytes_in,
-                }),
-            }
-        }
-        let mut backends = self.retired.clone();
-        backends.extend(
-            self.endpoints
-                .values()
-                .filter(|e| !matches!(e.kind, Kind::Client { .. }))
-                .map(|e| e.stats(if e.dead.is_some() { "closed" } else { "open" })),
-        );
-        backends.sort_by(|a, b| a.name.cmp(&b.name));
-        if self.has_ring {
-            backends.push(BackendStats {
-                name: "ring".into(),
-                bytes_out: self.history.total(),
-                dropped: 0,
-                bytes_in: 0,
-                state: "open",
-            });
-        }
-        let listeners = self
-            .listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let live = self
-                    .endpoints
-                    .values()
-                    .filter(|e| matches!(e.kind, Kind::Client { listener, .. } if listener == i));
-                let (mut written, mut typed, mut cut) = (l.gone_written, l.gone_typed, l.cut_off);
-                for e in live {
-                    written += e.written;
-                    typed += e.typed;
-                    cut += u64::from(e.cut_off);
-                }
-                ListenerStats {
-                    name: l.l.describe(),
-                    clients_seen: l.next_id - 1,
-                    clients_now: l.clients,
-                    clients_cut_off: cut,
-                    clients_refused: l.refused,
-                    bytes_out: written,
-                    bytes_in: typed,
-                }
-            })
-            .collect();
-        HubStats {
-            output_bytes: self.history.total(),
-            input_bytes: self.frontends.iter().map(|f| f.bytes_in).sum(),
-            frontends,
-            backends,
-            listeners,
-        }
+        HubWriter::new(self.shared.clone(), Arc::new(AtomicU64::new(0)))
     }
 
     /// Observers see every output chunk, in stream order, on the event-loop thread.
@@ -883,23 +432,16 @@ impl Hub {
         self.observers.push(f);
     }
 
-    /// Called on the event-loop thread when output was congested (someone saw
-    /// `HubWriter::congested() == true`) and no longer is: a UART raises THRE here.
-    /// Every hook added is called.
-    pub fn on_decongested(&mut self, f: Box<dyn FnMut() + Send>) {
-        self.on_decongested.push(f);
-    }
-
     /// The last bytes of the stream (the `ring` backend's content).
     pub fn history(&self) -> Vec<u8> {
-        self.history.to_vec()
+        self.ring.tail(self.history)
     }
 
     /// Paths of the unix sockets this hub listens on (default paths included).
     pub fn socket_paths(&self) -> Vec<PathBuf> {
         self.listeners
             .iter()
-            .filter_map(|l| match &l.l {
+            .filter_map(|l| match &l.sock {
                 Listener::Unix { path, .. } => Some(path.clone()),
                 Listener::Tcp(_) => None,
             })
@@ -910,7 +452,7 @@ impl Hub {
     pub fn tcp_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| match &l.l {
+            .filter_map(|l| match &l.sock {
                 Listener::Tcp(t) => t.local_addr().ok(),
                 Listener::Unix { .. } => None,
             })
@@ -924,111 +466,149 @@ impl Hub {
 
     /// Name of the frontend receiving input.
     pub fn input_target(&self) -> Option<&str> {
-        self.frontends.get(self.target).map(|f| f.name.as_str())
+        self.frontends.target_name()
+    }
+
+    /// How the last [`Hub::shutdown`] went.
+    pub fn last_shutdown(&self) -> Option<&ShutdownSummary> {
+        self.last_shutdown.as_ref()
+    }
+
+    /// What went through the hub so far: per frontend, per backend, per socket listener.
+    pub fn stats(&self) -> HubStats {
+        let mut backends = self.retired.clone();
+        backends.extend(
+            self.endpoints
+                .values()
+                .filter(|e| !e.is_client())
+                .map(|e| e.stats(if e.dead.is_some() { "closed" } else { "open" })),
+        );
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.has_ring {
+            backends.push(BackendStats {
+                name: "ring".into(),
+                bytes_out: self.ring.total(),
+                dropped: 0,
+                bytes_in: 0,
+                state: "open",
+            });
+        }
+        let listeners = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.stats(self.endpoints.values().filter_map(|e| match e.owner {
+                    Owner::Client { listener, .. } if listener == i => {
+                        Some((e.cut_off, e.out_counts().0, e.typed))
+                    }
+                    _ => None,
+                }))
+            })
+            .collect();
+        HubStats {
+            output_bytes: self.ring.total(),
+            input_bytes: self.frontends.taken(),
+            frontends: self.frontends.stats(),
+            backends,
+            listeners,
+        }
+    }
+
+    /// What the hub holds in memory now, as its limits count it.
+    pub fn memory(&self) -> MemoryUse {
+        MemoryUse {
+            writer_queue: self.shared.queued(),
+            input: self.input.len(),
+            ring: self.ring.allocated(),
+            sinks: self
+                .endpoints
+                .values()
+                .filter_map(|e| e.sink.as_ref().map(|s| (e.name.clone(), s.charged())))
+                .collect(),
+        }
     }
 
     // ---- event handling -------------------------------------------------------------
 
     fn init_with(&mut self, reg: &mut dyn Reg) {
-        if let Err(e) = reg.add(self.shared.wake.as_raw_fd(), TOK_WAKE, EventSet::IN) {
-            log_line(&format!(
-                "console hub: cannot watch its wake-up eventfd: {e}"
-            ));
-        }
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            match reg.add(l.l.fd(), TOK_LISTENER + i as u32, EventSet::IN) {
-                Ok(()) => l.registered = true,
-                Err(e) => log_line(&format!(
-                    "cannot watch console socket {}: {e}",
-                    l.l.describe()
-                )),
+        for (fd, token, what) in [
+            (self.shared.wake.as_raw_fd(), Token::Wake, "wake-up eventfd"),
+            (self.timer.fd(), Token::Timer, "timer"),
+        ] {
+            if let Err(e) = reg.add(fd, token.encode(), EventSet::IN) {
+                log::error!("console hub: cannot watch its {what}: {e}");
             }
         }
         self.initialized = true;
         self.settle(reg);
     }
 
-    fn handle(&mut self, token: u32, set: EventSet, reg: &mut dyn Reg) {
-        match token {
-            TOK_WAKE => {
+    fn handle(&mut self, data: u32, set: EventSet, reg: &mut dyn Reg) {
+        match Token::decode(data) {
+            Some(Token::Wake) => {
                 let _ = self.shared.wake.read();
                 self.drain_writer();
             }
-            t if (TOK_LISTENER..TOK_FRONTEND).contains(&t) => {
-                self.accept((t - TOK_LISTENER) as usize);
+            Some(Token::Timer) => {
+                self.timer.ack();
+                self.expire_idle(Instant::now());
             }
-            t if (TOK_FRONTEND..TOK_DYNAMIC).contains(&t) => {
-                if let Some(fe) = self.frontends.get_mut((t - TOK_FRONTEND) as usize) {
-                    fe.input.ack_drained();
-                }
-            }
-            t => self.endpoint_event(t, set),
+            Some(Token::Frontend(i)) => self.frontends.ack_drained(i),
+            Some(Token::Listener(i)) => self.accept(i),
+            Some(Token::Endpoint(id)) => self.endpoint_event(id, set),
+            None => {}
         }
         self.settle(reg);
     }
 
-    /// Run after every event: deliver input, read parked sources, remove dead endpoints,
-    /// update epoll interest and the congestion state.
+    /// Run after every event (see the module doc).
     fn settle(&mut self, reg: &mut dyn Reg) {
-        for (i, fe) in self.frontends.iter_mut().enumerate() {
-            if !fe.registered {
-                fe.registered = true;
-                if let Err(e) =
-                    reg.add(fe.input.drained_fd(), TOK_FRONTEND + i as u32, EventSet::IN)
-                {
-                    log_line(&format!(
-                        "console frontend {}: cannot watch its drained fd: {e}",
-                        fe.name
-                    ));
-                }
+        for (i, fd) in self.frontends.take_unwatched() {
+            if let Err(e) = reg.add(fd, Token::Frontend(i).encode(), EventSet::IN) {
+                log::error!("console frontend {i}: cannot watch its drained fd: {e}");
             }
         }
-        self.feed();
+        self.frontends.feed(&mut self.input);
         self.service_parked();
         self.sweep(reg);
-        let tokens: Vec<u32> = self.endpoints.keys().copied().collect();
-        for t in tokens {
-            self.sync(t, reg);
+        let ids: Vec<u32> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            self.sync(id, reg);
         }
         self.sweep(reg);
+        self.sync_listeners(reg);
         self.update_congestion();
+        self.arm_timer();
     }
 
     fn update_congestion(&mut self) {
         let backlog = self
             .endpoints
             .values()
-            .filter_map(|e| e.out.as_ref())
-            .filter(|o| o.policy == Policy::Lossless)
-            .map(|o| o.bytes)
+            .filter_map(|e| e.sink.as_ref())
+            .filter(|s| s.policy() == Policy::Lossless)
+            .map(|s| s.pending(&self.ring))
             .max()
             .unwrap_or(0);
-        self.shared.backlog.store(backlog, Ordering::Release);
-        if !self.shared.congested() && self.shared.reported.swap(false, Ordering::AcqRel) {
-            for cb in &mut self.on_decongested {
-                cb();
-            }
+        if self.shared.set_backlog(backlog) {
+            self.frontends.resume_output();
         }
     }
 
-    /// Take everything the writers queued and fan it out.
+    /// Takes everything the writers queued and fans it out.
     fn drain_writer(&mut self) {
-        let mut data = std::mem::take(&mut self.spare);
-        {
-            let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::swap(&mut *q, &mut data);
-            self.shared.queued.store(0, Ordering::Release);
-        }
+        let (data, dropped) = self.shared.take(std::mem::take(&mut self.spare));
         if !data.is_empty() {
             self.emit(&data);
         }
-        let dropped = self.shared.dropped.swap(0, Ordering::AcqRel);
         if dropped > 0 {
             let msg = format!(
                 "\r\n[microvm: {dropped} bytes of console output dropped: console hub overloaded]\r\n"
             );
             self.emit(msg.as_bytes());
         }
+        let mut data = data;
         data.clear();
         if data.capacity() > (1 << 20) {
             data.shrink_to(1 << 20);
@@ -1036,53 +616,52 @@ impl Hub {
         self.spare = data;
     }
 
-    /// One chunk of the stream to observers, the history and every backend, in order.
+    /// WHERE A BYTE FANS OUT: one chunk of the stream to the observers, the ring and
+    /// every sink, in order.
     fn emit(&mut self, data: &[u8]) {
         for obs in self.observers.iter_mut() {
             obs(data);
         }
-        self.history.push(data);
+        self.ring.push(data);
         let mut shared = None;
         for ep in self.endpoints.values_mut() {
-            if ep.dead.is_none() && !ep.parked {
-                ep.offer(data, &mut shared);
-            }
+            ep.offer(data, &self.ring, &mut shared);
         }
     }
 
-    fn endpoint_event(&mut self, token: u32, set: EventSet) {
-        let Some(ep) = self.endpoints.get_mut(&token) else {
+    fn endpoint_event(&mut self, id: u32, set: EventSet) {
+        let Some(ep) = self.endpoints.get_mut(&id) else {
             return;
         };
         let hup = set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP);
         if set.contains(EventSet::OUT) || hup {
-            ep.flush();
+            ep.flush(&self.ring);
         }
-        if hup && ep.input.is_none() {
-            // Output-only (stdout): the reader went away.
+        if hup && ep.source.is_none() {
+            // Output only (stdout, a FIFO log): the reader went away.
+            ep.drop_sink();
             let why = format!("console backend {} closed; the VM goes on", ep.name);
-            ep.out = None;
             ep.kill(Some(why));
             return;
         }
         if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             // The peer is gone both ways: no more output to it.
-            ep.out = None;
+            ep.drop_sink();
         }
         if set.contains(EventSet::IN) || hup {
             // stdin stays a blocking fd (it is shared with the parent's terminal), so it
             // is read once per readiness event; sockets are read until they would block.
-            let rounds = if token == TOK_STDIN { 1 } else { 16 };
+            let rounds = if self.is_stdin(id) { 1 } else { 16 };
             for _ in 0..rounds {
-                match self.read_endpoint(token) {
-                    ReadOutcome::Data => {
-                        self.feed();
+                match self.read_from(id) {
+                    Outcome::Data => {
+                        self.frontends.feed(&mut self.input);
                         continue;
                     }
-                    ReadOutcome::NoSpace if hup => {
+                    Outcome::NoSpace if hup => {
                         // Peer gone while we cannot take its input: read it later
                         // without polling (it can no longer block).
-                        if let Some(ep) = self.endpoints.get_mut(&token) {
+                        if let Some(ep) = self.endpoints.get_mut(&id) {
                             ep.parked = true;
                         }
                     }
@@ -1093,163 +672,145 @@ impl Hub {
         }
     }
 
-    /// Free input space for an endpoint. The terminal keeps a reserve so Ctrl-A x works
-    /// even while socket clients have filled the buffer.
-    fn space_for(&self, kind: Kind) -> usize {
-        let cap = self.cfg.input_capacity;
-        let reserve = if kind == Kind::Stdin {
-            0
-        } else {
-            (cap / 4).min(4096)
-        };
-        cap.saturating_sub(reserve).saturating_sub(self.input.len())
+    fn is_stdin(&self, id: u32) -> bool {
+        self.endpoints
+            .get(&id)
+            .is_some_and(|e| !e.is_client() && e.sink.is_none() && e.fd == Some(libc::STDIN_FILENO))
     }
 
-    /// True when this endpoint's input is read and dropped (viewers, non-holders).
-    fn discards(&self, ep: &Endpoint, token: u32) -> bool {
-        match &ep.input {
-            Some(InState {
-                mode: InMode::Discard,
-                ..
-            }) => true,
-            Some(_) => match ep.kind {
-                Kind::Client { listener, .. } => {
-                    let l = &self.listeners[listener];
-                    l.spec.single_writer && l.holder.is_some() && l.holder != Some(token)
-                }
-                _ => false,
-            },
-            None => false,
+    /// True when endpoint `id`'s input is read and dropped (viewers, non-holders).
+    fn discards(&self, id: u32, ep: &Endpoint) -> bool {
+        let Some(source) = &ep.source else {
+            return false;
+        };
+        match ep.owner {
+            Owner::Client { listener, .. } => self
+                .listeners
+                .get(listener)
+                .is_none_or(|l| l.discards(id, source)),
+            Owner::Backend => matches!(source.mode, InputMode::Viewer),
         }
     }
 
-    fn read_endpoint(&mut self, token: u32) -> ReadOutcome {
-        let Some(mut ep) = self.endpoints.remove(&token) else {
-            return ReadOutcome::Failed;
+    fn read_from(&mut self, id: u32) -> Outcome {
+        let Some(ep) = self.endpoints.get(&id) else {
+            return Outcome::Failed;
         };
-        let r = self.read_into(token, &mut ep);
-        self.endpoints.insert(token, ep);
-        r
-    }
-
-    fn read_into(&mut self, token: u32, ep: &mut Endpoint) -> ReadOutcome {
-        if ep.dead.is_some() || ep.input.as_ref().is_none_or(|i| i.eof) {
-            return ReadOutcome::Failed;
+        if ep.dead.is_some() || !ep.input_live() {
+            return Outcome::Failed;
         }
-        let discard = self.discards(ep, token);
-        let max = if discard {
-            self.scratch.len()
-        } else {
-            self.space_for(ep.kind).min(self.scratch.len())
+        let discard = self.discards(id, ep);
+        let max = match &ep.source {
+            Some(s) if !discard => self.input.space_for(s.share()).min(self.scratch.len()),
+            _ => self.scratch.len(),
         };
         if max == 0 {
-            return ReadOutcome::NoSpace;
+            return Outcome::NoSpace;
         }
-        let n = match ep.port.read(&mut self.scratch[..max]) {
-            Ok(0) => {
-                if let Some(i) = ep.input.as_mut() {
-                    i.eof = true;
-                }
-                match ep.kind {
-                    Kind::Stdin => ep.kill(Some("stdin closed; the VM goes on".into())),
-                    _ if ep.out.is_none() => ep.kill(None),
-                    _ => {}
-                }
-                return ReadOutcome::Eof;
+        let mut buf = std::mem::take(&mut self.scratch);
+        let outcome = match self.endpoints.get_mut(&id).map(|ep| ep.read(&mut buf[..max])) {
+            Some(Read::Data(n)) => {
+                self.take_input(id, &buf[..n]);
+                Outcome::Data
             }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
-            Err(e) => {
-                let quiet = matches!(ep.kind, Kind::Client { .. });
-                ep.kill((!quiet).then(|| format!("console backend {}: read failed: {e}", ep.name)));
-                return ReadOutcome::Failed;
-            }
-        };
-        let data = std::mem::take(&mut self.scratch);
-        self.take_input(token, ep, &data[..n], discard);
-        self.scratch = data;
-        ReadOutcome::Data
-    }
-
-    /// One read from a backend: handled whole, appended to the input stream contiguously.
-    fn take_input(&mut self, token: u32, ep: &mut Endpoint, data: &[u8], discard: bool) {
-        if let Kind::Client { listener, id } = ep.kind {
-            let l = &mut self.listeners[listener];
-            if l.spec.single_writer
-                && !matches!(ep.input.as_ref().map(|i| &i.mode), Some(InMode::Discard))
-            {
-                if l.holder.is_none() {
-                    l.holder = Some(token);
-                    self.announce_holder(listener, token, ep, id);
-                } else if discard {
-                    let (mut out, mut acts) = (Vec::new(), Vec::new());
-                    ep.takeover.feed(data, &mut out, &mut acts);
-                    if acts.contains(&EscapeAction::TakeOver) {
-                        self.listeners[listener].holder = Some(token);
-                        self.announce_holder(listener, token, ep, id);
-                    } else if !ep.told_readonly {
-                        ep.told_readonly = true;
-                        ep.notice("\r\n[microvm: another client has the keyboard; Ctrl-A w takes it over]\r\n");
+            Some(Read::Eof) => {
+                if let Some(ep) = self.endpoints.get_mut(&id) {
+                    if !ep.is_client() {
+                        let why = format!("{} closed; the VM goes on", ep.name);
+                        ep.kill(Some(why));
+                    } else if ep.sink.is_none() {
+                        ep.kill(None);
                     }
-                    return;
                 }
+                Outcome::Eof
             }
-        }
-        if discard {
-            return;
-        }
-        let Some(inp) = ep.input.as_mut() else {
+            Some(Read::WouldBlock) => Outcome::WouldBlock,
+            Some(Read::Failed(e)) => {
+                if let Some(ep) = self.endpoints.get_mut(&id) {
+                    let why = format!("console backend {}: read failed: {e}", ep.name);
+                    let quiet = ep.is_client();
+                    ep.kill((!quiet).then_some(why));
+                }
+                Outcome::Failed
+            }
+            None => Outcome::Failed,
+        };
+        self.scratch = buf;
+        outcome
+    }
+
+    /// One read from a source: handled whole, appended to the input stream contiguously.
+    fn take_input(&mut self, id: u32, data: &[u8]) {
+        let Some(ep) = self.endpoints.get_mut(&id) else {
             return;
         };
-        ep.typed += data.len() as u64;
-        match &mut inp.mode {
-            InMode::Discard => {}
-            InMode::Plain => self.input.extend(data),
-            InMode::Escapes(p) => {
-                let (mut out, mut acts) = (Vec::new(), Vec::new());
-                p.feed(data, &mut out, &mut acts);
-                self.input.extend(out);
-                for a in acts {
-                    self.escape_action(a, ep);
+        let Some(source) = ep.source.as_mut() else {
+            return;
+        };
+        let (verdict, listener) = match ep.owner {
+            Owner::Client { listener, id: no } => match self.listeners.get_mut(listener) {
+                Some(l) => (l.keyboard(id, source, data), Some((listener, no))),
+                None => (Keyboard::Drop, None),
+            },
+            Owner::Backend => (Keyboard::Deliver, None),
+        };
+        let mut actions = Vec::new();
+        match verdict {
+            Keyboard::Deliver | Keyboard::TookFree => {
+                ep.typed += data.len() as u64;
+                match &mut source.mode {
+                    InputMode::Terminal(parser) => {
+                        let mut out = Vec::with_capacity(data.len());
+                        parser.feed(data, &mut out, &mut actions);
+                        self.input.push(&out);
+                    }
+                    InputMode::Viewer => {}
+                    InputMode::Guest | InputMode::Contender(_) => self.input.push(data),
                 }
             }
+            Keyboard::TellReadOnly => ep.notice(READ_ONLY_NOTICE, &self.ring),
+            Keyboard::Drop | Keyboard::TookOver => {}
+        }
+        if matches!(verdict, Keyboard::TookFree | Keyboard::TookOver)
+            && let Some((listener, no)) = listener
+        {
+            self.announce_holder(listener, id, no);
+        }
+        for a in actions {
+            self.escape_action(a);
         }
     }
 
-    fn announce_holder(&mut self, listener: usize, token: u32, ep: &mut Endpoint, id: u64) {
-        ep.told_readonly = false;
-        ep.notice("\r\n[microvm: you have the keyboard]\r\n");
-        let msg =
-            format!("\r\n[microvm: client {id} took the keyboard; Ctrl-A w takes it back]\r\n");
-        for (t, other) in self.endpoints.iter_mut() {
-            if *t != token
-                && matches!(other.kind, Kind::Client { listener: l, .. } if l == listener)
-            {
-                other.told_readonly = true;
-                other.notice(&msg);
+    /// Tells every client of `listener` who has the keyboard now.
+    fn announce_holder(&mut self, listener: usize, holder: u32, no: u64) {
+        let msg = format!("\r\n[microvm: client {no} took the keyboard; Ctrl-A w takes it back]\r\n");
+        for (id, ep) in self.endpoints.iter_mut() {
+            if !matches!(ep.owner, Owner::Client { listener: l, .. } if l == listener) {
+                continue;
+            }
+            let mine = *id == holder;
+            if let Some(s) = ep.source.as_mut() {
+                s.told_readonly = !mine;
+            }
+            if mine {
+                ep.notice("\r\n[microvm: you have the keyboard]\r\n", &self.ring);
+            } else {
+                ep.notice(&msg, &self.ring);
             }
         }
     }
 
-    fn escape_action(&mut self, a: EscapeAction, stdin: &mut Endpoint) {
-        let _ = stdin;
+    fn escape_action(&mut self, a: EscapeAction) {
         match a {
             EscapeAction::Quit => {
                 self.local_notice("\r\n[microvm: quit]\r\n");
-                if let Err(e) = self.exit.write(1) {
-                    log_line(&format!("cannot signal VM exit: {e}"));
+                if let Err(e) = self.quit.write(1) {
+                    log::error!("cannot signal VM exit: {e}");
                 }
             }
-            EscapeAction::Help => self.local_notice(term::STDIO_ESCAPE_HELP),
+            EscapeAction::Help => self.local_notice(STDIO_ESCAPE_HELP),
             EscapeAction::SwitchInput => {
-                if !self.frontends.is_empty() {
-                    self.target = (self.target + 1) % self.frontends.len();
-                    self.target_pinned = true;
-                }
-                let msg = match self.frontends.get(self.target) {
-                    Some(f) => format!("\r\n[microvm: input goes to {}]\r\n", f.name),
-                    None => "\r\n[microvm: no console device to send input to]\r\n".into(),
-                };
+                let msg = self.frontends.switch();
                 self.local_notice(&msg);
             }
             EscapeAction::Detach | EscapeAction::TakeOver => {}
@@ -1258,28 +819,8 @@ impl Hub {
 
     /// A message on the VMM's terminal only.
     fn local_notice(&mut self, msg: &str) {
-        if let Some(ep) = self.endpoints.get_mut(&TOK_STDOUT) {
-            ep.notice(msg);
-        }
-    }
-
-    /// Offer held input to the input-target frontend.
-    fn feed(&mut self) {
-        let followed = self.frontends.iter().rposition(|f| f.input.is_open());
-        if let Some(open) = followed.filter(|_| !self.target_pinned) {
-            self.target = open;
-        }
-        while !self.input.is_empty() {
-            let Some(fe) = self.frontends.get_mut(self.target) else {
-                return;
-            };
-            let (a, _) = self.input.as_slices();
-            let n = fe.input.accept(a).min(a.len());
-            if n == 0 {
-                return;
-            }
-            fe.bytes_in += n as u64;
-            self.input.drain(..n);
+        if let Some(ep) = self.stdout.and_then(|t| self.endpoints.get_mut(&t)) {
+            ep.notice(msg, &self.ring);
         }
     }
 
@@ -1292,93 +833,145 @@ impl Hub {
             .filter(|(_, e)| e.parked && e.dead.is_none())
             .map(|(t, _)| *t)
             .collect();
-        for t in parked {
+        for id in parked {
             loop {
-                match self.read_endpoint(t) {
-                    ReadOutcome::Data => self.feed(),
-                    ReadOutcome::Eof | ReadOutcome::Failed => {
-                        if let Some(e) = self.endpoints.get_mut(&t) {
+                match self.read_from(id) {
+                    Outcome::Data => self.frontends.feed(&mut self.input),
+                    Outcome::Eof | Outcome::Failed => {
+                        if let Some(e) = self.endpoints.get_mut(&id) {
                             e.kill(None);
                         }
                         break;
                     }
-                    ReadOutcome::WouldBlock | ReadOutcome::NoSpace => break,
+                    Outcome::WouldBlock | Outcome::NoSpace => break,
                 }
             }
         }
     }
 
-    fn accept(&mut self, idx: usize) {
+    /// Admits the clients waiting on listener `i`.
+    fn accept(&mut self, i: usize) {
         loop {
-            let Some(l) = self.listeners.get_mut(idx) else {
+            let now = Instant::now();
+            let Some(l) = self.listeners.get_mut(i) else {
                 return;
             };
-            let stream = match l.l.accept() {
-                Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log_line(&format!(
-                        "console socket {}: accept failed: {e}",
-                        l.l.describe()
-                    ));
-                    return;
-                }
+            let mut port = match l.accept_one(now) {
+                Accepted::Client(p) => p,
+                Accepted::Again => continue,
+                Accepted::Done => return,
             };
-            let mut port: Box<dyn Port> = Box::new(stream);
-            if l.clients >= l.spec.max_clients {
-                let msg = format!(
-                    "microvm: console busy: already {} clients (max-clients={})\r\n",
-                    l.clients, l.spec.max_clients
-                );
-                let _ = port.write(msg.as_bytes());
+            if l.clients >= l.spec.max_clients && !self.evict_idle_client(i, now) {
+                let l = &mut self.listeners[i];
+                let _ = port.write(busy_message(l.clients, l.spec.max_clients).as_bytes());
                 l.refused += 1;
                 continue;
             }
-            let id = l.next_id;
-            l.next_id += 1;
-            l.clients += 1;
-            let name = format!("client {id} on {}", l.l.describe());
-            let read_only = l.spec.read_only;
-            let single_writer = l.spec.single_writer;
-            let holder = l.holder;
-            let limit = l.spec.queue + self.history.len();
-            let token = self.alloc_token();
-            let mut ep = Endpoint::new(name, port, Kind::Client { listener: idx, id });
-            let mut out = OutQueue::new(Policy::CutOff, limit);
-            let hist = self.history.to_vec();
-            if !hist.is_empty() {
-                out.bytes = hist.len();
-                out.chunks.push_back((Arc::from(hist), 0));
+            let l = &mut self.listeners[i];
+            let no = l.admit();
+            let name = format!("client {no} on {}", l.sock.describe());
+            let plan = plan(Role::Client(&l.spec), &self.limits);
+            let contender = matches!(plan.input, Some(InputMode::Contender(_)));
+            let take_keyboard = contender && l.holder.is_none();
+            let told = contender && !take_keyboard;
+            let start = self.ring.total() - self.ring.len().min(self.history) as u64;
+            let mut ep = Endpoint::new(name, port, Owner::Client { listener: i, id: no }, plan, start);
+            ep.flush(&self.ring);
+            if told {
+                if let Some(s) = ep.source.as_mut() {
+                    s.told_readonly = true;
+                }
+                ep.notice(READ_ONLY_NOTICE, &self.ring);
             }
-            ep.out = Some(out);
-            ep.input = Some(InState {
-                mode: if read_only {
-                    InMode::Discard
-                } else {
-                    InMode::Plain
-                },
-                eof: false,
-            });
-            if single_writer && !read_only {
-                match holder {
-                    None => {
-                        if let Some(l) = self.listeners.get_mut(idx) {
-                            l.holder = Some(token);
-                        }
-                    }
-                    Some(_) => {
-                        ep.told_readonly = true;
-                    }
+            let id = self.insert(ep);
+            if take_keyboard {
+                self.listeners[i].holder = Some(id);
+            }
+        }
+    }
+
+    /// Makes room on full listener `i` by closing its client idle the longest, if that
+    /// one has been idle for [`HubConfig::evict_idle`]. True when it did.
+    fn evict_idle_client(&mut self, i: usize, now: Instant) -> bool {
+        let victim = self
+            .endpoints
+            .iter_mut()
+            .filter(|(_, e)| e.dead.is_none())
+            .filter(|(_, e)| matches!(e.owner, Owner::Client { listener, .. } if listener == i))
+            .filter(|(_, e)| now.saturating_duration_since(e.last_active) >= self.cfg.evict_idle)
+            .min_by_key(|(_, e)| e.last_active);
+        let Some((_, ep)) = victim else {
+            return false;
+        };
+        let idle = now.saturating_duration_since(ep.last_active).as_secs();
+        ep.notice(
+            &format!("\r\n[microvm: disconnected: idle for {idle} s and a new client needed the place]\r\n"),
+            &self.ring,
+        );
+        ep.kill(None);
+        self.listeners[i].idle_closed += 1;
+        true
+    }
+
+    /// Disconnects clients idle past their listener's `idle-timeout`.
+    fn expire_idle(&mut self, now: Instant) {
+        for ep in self.endpoints.values_mut() {
+            let Owner::Client { listener, .. } = ep.owner else {
+                continue;
+            };
+            let Some(l) = self.listeners.get_mut(listener) else {
+                continue;
+            };
+            let Some(limit) = l.spec.idle_timeout else {
+                continue;
+            };
+            if ep.dead.is_none() && now.saturating_duration_since(ep.last_active) >= limit {
+                let what = crate::units::format_duration(limit);
+                ep.notice(&format!("\r\n[microvm: disconnected after {what} idle]\r\n"), &self.ring);
+                ep.kill(Some(format!("console {}: idle for {what}, disconnected", ep.name)));
+                l.idle_closed += 1;
+            }
+        }
+    }
+
+    /// Arms the timer for the next idle deadline or the end of an accept back-off.
+    fn arm_timer(&mut self) {
+        let idle = self.endpoints.values().filter_map(|e| match e.owner {
+            Owner::Client { listener, .. } if e.dead.is_none() => self
+                .listeners
+                .get(listener)
+                .and_then(|l| l.spec.idle_timeout)
+                .map(|d| e.last_active + d),
+            _ => None,
+        });
+        let backoff = self.listeners.iter().filter_map(|l| l.paused_until);
+        let next = idle.chain(backoff).min();
+        if let Err(e) = self.timer.arm(next) {
+            log::error!("console hub: cannot arm its timer: {e}");
+        }
+    }
+
+    /// Watches listeners that accept, and not those backing off.
+    fn sync_listeners(&mut self, reg: &mut dyn Reg) {
+        let now = Instant::now();
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let want = l.accepting(now);
+            if want == l.watched {
+                continue;
+            }
+            let token = Token::Listener(i).encode();
+            let res = if want {
+                reg.add(l.sock.fd(), token, EventSet::IN)
+            } else {
+                reg.remove(l.sock.fd(), token)
+            };
+            match res {
+                Ok(()) => l.watched = want,
+                Err(e) => {
+                    log::error!("cannot watch console socket {}: {e}", l.sock.describe());
+                    l.watched = want;
                 }
             }
-            ep.flush();
-            if single_writer && !read_only && holder.is_some() {
-                ep.notice(
-                    "\r\n[microvm: another client has the keyboard; Ctrl-A w takes it over]\r\n",
-                );
-            }
-            self.endpoints.insert(token, ep);
         }
     }
 
@@ -1390,75 +983,75 @@ impl Hub {
             .filter(|(_, e)| e.dead.is_some())
             .map(|(t, _)| *t)
             .collect();
-        for t in dead {
-            let Some(mut ep) = self.endpoints.remove(&t) else {
+        for id in dead {
+            let Some(mut ep) = self.endpoints.remove(&id) else {
                 continue;
             };
             if let (Some(fd), Some(_)) = (ep.fd, ep.reg) {
-                let _ = reg.remove(fd, t);
+                let _ = reg.remove(fd, Token::Endpoint(id).encode());
             }
             if let Some(Some(msg)) = ep.dead.take() {
-                log_line(&msg);
+                log::warn!("{msg}");
             }
-            if !matches!(ep.kind, Kind::Client { .. }) {
-                self.retired.push(ep.stats("closed"));
-            }
-            if let Kind::Client { listener, .. } = ep.kind
-                && let Some(l) = self.listeners.get_mut(listener)
-            {
-                l.cut_off += u64::from(ep.cut_off);
-                l.gone_written += ep.written;
-                l.gone_typed += ep.typed;
-                l.clients = l.clients.saturating_sub(1);
-                if l.holder == Some(t) {
-                    l.holder = None;
+            match ep.owner {
+                Owner::Client { listener, .. } => {
+                    if let Some(l) = self.listeners.get_mut(listener) {
+                        l.left(id, ep.cut_off, ep.out_counts().0, ep.typed);
+                    }
                 }
+                Owner::Backend => self.retired.push(ep.stats("closed")),
+            }
+            if self.stdout == Some(id) {
+                self.stdout = None;
             }
         }
     }
 
     /// Bring an endpoint's epoll interest in line with its state.
-    fn sync(&mut self, token: u32, reg: &mut dyn Reg) {
-        let Some(ep) = self.endpoints.get(&token) else {
+    fn sync(&mut self, id: u32, reg: &mut dyn Reg) {
+        let Some(ep) = self.endpoints.get(&id) else {
             return;
         };
         let Some(fd) = ep.fd else {
             return;
         };
-        let input_live = ep.input.as_ref().is_some_and(|i| !i.eof);
-        let gone = ep.dead.is_some() || ep.parked || (!input_live && ep.out.is_none());
+        let token = Token::Endpoint(id).encode();
+        let input_live = ep.input_live();
+        let gone = ep.dead.is_some() || ep.parked || (!input_live && ep.sink.is_none());
         if gone {
             if ep.reg.is_some() {
                 let _ = reg.remove(fd, token);
             }
-            if let Some(ep) = self.endpoints.get_mut(&token) {
+            if let Some(ep) = self.endpoints.get_mut(&id) {
                 ep.reg = None;
-                if !input_live && ep.out.is_none() {
+                if !input_live && ep.sink.is_none() {
                     ep.kill(None);
                 }
             }
             return;
         }
         let mut want = EventSet::empty();
-        if input_live && (self.discards(ep, token) || self.space_for(ep.kind) > 0) {
+        if let Some(s) = &ep.source
+            && !s.eof
+            && (self.discards(id, ep) || self.input.space_for(s.share()) > 0)
+        {
             want |= EventSet::IN;
         }
-        if ep.pending() > 0 {
+        if ep.pending(&self.ring) > 0 {
             want |= EventSet::OUT;
         }
-        let cur = ep.reg;
-        let res = match cur {
+        let res = match ep.reg {
             None => reg.add(fd, token, want),
             Some(c) if c != want => reg.modify(fd, token, want),
             Some(_) => return,
         };
-        let Some(ep) = self.endpoints.get_mut(&token) else {
+        let Some(ep) = self.endpoints.get_mut(&id) else {
             return;
         };
         match res {
             Ok(()) => ep.reg = Some(want),
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                // Regular file or /dev/null: always ready, never polled.
+                // A regular file or /dev/null: always ready, never polled.
                 ep.fd = None;
                 if input_live {
                     ep.parked = true;
@@ -1472,68 +1065,68 @@ impl Hub {
     }
 
     /// Writes out what is queued to the terminal and to socket clients before the VM's
-    /// exit, so a CI log and every attached viewer end with the guest's last words.
-    /// It waits as long as they keep taking data (the terminal is lossless: a slow one
-    /// delays the exit, it does not truncate the log), and gives up on a consumer that
-    /// takes nothing for `shutdown_timeout` (the terminal) or 1 s (socket clients), or
-    /// after `shutdown_limit` in all.
-    fn flush_before_exit(&mut self) {
-        const CLIENT_IDLE: Duration = Duration::from_secs(1);
+    /// exit, so a CI log and every attached viewer end with the guest's last words. It
+    /// waits while they keep taking data, gives up on a consumer that takes nothing for
+    /// [`HubConfig::shutdown_idle`] (the terminal) or
+    /// [`HubConfig::shutdown_client_idle`] (socket clients), and stops after
+    /// [`HubConfig::shutdown_limit`] in all. A second SIGTERM ends the process at once
+    /// (see `signals.rs`).
+    fn flush_before_exit(&mut self) -> ShutdownSummary {
         let start = Instant::now();
         let mut progress = start;
-        let pending = |h: &Hub| -> usize { h.endpoints.values().map(Endpoint::pending).sum() };
         for ep in self.endpoints.values_mut() {
-            ep.flush();
+            ep.flush(&self.ring);
         }
         loop {
             let waiting: Vec<(libc::pollfd, bool)> = self
                 .endpoints
-                .values()
-                .filter(|e| matches!(e.kind, Kind::Stdout | Kind::Client { .. }))
-                .filter(|e| e.pending() > 0)
-                .filter_map(|e| e.fd.map(|fd| (fd, e.kind == Kind::Stdout)))
-                .map(|(fd, stdout)| {
+                .iter()
+                .filter(|(_, e)| e.dead.is_none() && e.pending(&self.ring) > 0)
+                .filter_map(|(id, e)| {
                     let pfd = libc::pollfd {
-                        fd,
+                        fd: e.fd?,
                         events: libc::POLLOUT,
                         revents: 0,
                     };
-                    (pfd, stdout)
+                    Some((pfd, self.stdout == Some(*id)))
                 })
                 .collect();
-            let idle_limit = if waiting.iter().any(|(_, stdout)| *stdout) {
-                self.cfg.shutdown_timeout
+            let terminal = waiting.iter().any(|(_, t)| *t);
+            let idle_limit = if terminal {
+                self.cfg.shutdown_idle
             } else {
-                CLIENT_IDLE
+                self.cfg.shutdown_client_idle
             };
             let idle_left = idle_limit.saturating_sub(progress.elapsed());
-            if waiting.is_empty()
-                || idle_left.is_zero()
-                || start.elapsed() > self.cfg.shutdown_limit
-            {
-                return;
+            let hit_limit = start.elapsed() >= self.cfg.shutdown_limit;
+            if waiting.is_empty() || idle_left.is_zero() || hit_limit {
+                return ShutdownSummary {
+                    gave_up: waiting.len(),
+                    hit_limit: hit_limit && !waiting.is_empty(),
+                };
             }
             let mut pfds: Vec<libc::pollfd> = waiting.into_iter().map(|(p, _)| p).collect();
-            let timeout = idle_left.as_millis().min(200) as i32;
+            let left = self.cfg.shutdown_limit.saturating_sub(start.elapsed());
+            let timeout = idle_left.min(left).as_millis().min(200) as i32;
             // SAFETY: `pfds` is a valid array of pollfds for its length; the timeout is
             // bounded.
             let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
             if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return;
+                return ShutdownSummary::default();
             }
-            let before = pending(self);
+            let before: usize = self.endpoints.values().map(|e| e.pending(&self.ring)).sum();
             for ep in self.endpoints.values_mut() {
-                ep.flush();
+                ep.flush(&self.ring);
             }
-            if pending(self) < before {
+            let after: usize = self.endpoints.values().map(|e| e.pending(&self.ring)).sum();
+            if after < before {
                 progress = Instant::now();
             }
         }
     }
 
-    /// Called when the VMM stops: write out what is queued to lossless backends and
-    /// socket clients (bounded time), flush files, remove socket files, restore the
-    /// terminal. Idempotent.
+    /// Called when the VMM stops: write out what is queued (bounded time), flush log
+    /// files, remove socket files, restore the terminal. Idempotent.
     pub fn shutdown(&mut self) {
         if self.shut {
             return;
@@ -1541,23 +1134,16 @@ impl Hub {
         self.shut = true;
         self.drain_writer();
         self.sweep(&mut NoReg);
-        self.flush_before_exit();
+        self.last_shutdown = Some(self.flush_before_exit());
         for ep in self.endpoints.values_mut() {
-            if ep.kind == Kind::File
-                && let Err(e) = ep.port.flush()
-            {
-                log_line(&format!("console backend {}: flush failed: {e}", ep.name));
+            if let Err(e) = ep.port.flush() {
+                log::warn!("console backend {}: flush failed: {e}", ep.name);
             }
         }
         for l in &self.listeners {
-            l.l.remove_file();
+            l.sock.remove_file();
         }
         self.raw = None;
-        if self.stdio {
-            term::restore_terminal();
-            self.stdio = false;
-            STDIO_CLAIMED.store(false, Ordering::Release);
-        }
     }
 }
 
@@ -1584,53 +1170,53 @@ impl MutEventSubscriber for Hub {
 pub(crate) mod testing {
     //! Drive a hub without an event loop, with in-memory ports.
     use super::*;
+    use crate::mux::backend::Port;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     impl Hub {
         /// A hub with no backends (history `history` bytes).
         pub(crate) fn for_test(cfg: HubConfig, history: usize) -> Hub {
-            let exit = EventFd::new(EFD_NONBLOCK).unwrap();
-            Hub::bare(exit, cfg, history).unwrap()
+            let quit = EventFd::new(EFD_NONBLOCK).unwrap();
+            Hub::bare(quit, cfg, history).unwrap()
         }
 
-        /// Add an in-memory backend.
+        /// Adds an in-memory backend with an output policy (and limit) and an input
+        /// mode; a cut-off sink starts at the live end of the stream.
         pub(crate) fn add_mem(
             &mut self,
             name: &str,
             port: Box<dyn Port>,
-            policy: Option<(Policy, usize)>,
-            input: Option<InMode>,
+            sink: Option<(Policy, usize)>,
+            input: Option<InputMode>,
         ) -> u32 {
-            let t = self.alloc_token();
-            let mut ep = Endpoint::new(name.into(), port, Kind::Mem);
+            let plan = crate::mux::endpoint::Plan { sink, input };
+            let mut ep = Endpoint::new(name.into(), port, Owner::Backend, plan, self.ring.total());
             ep.fd = None;
-            ep.out = policy.map(|(p, l)| OutQueue::new(p, l));
-            ep.input = input.map(|mode| InState { mode, eof: false });
-            self.endpoints.insert(t, ep);
-            t
+            self.insert(ep)
         }
 
         /// Process the writer queue (what a wake-up event does).
         pub(crate) fn pump(&mut self) {
-            self.handle(TOK_WAKE, EventSet::IN, &mut NoReg);
+            self.handle(Token::Wake.encode(), EventSet::IN, &mut NoReg);
         }
 
         /// The backend became writable.
         pub(crate) fn writable(&mut self, t: u32) {
-            self.handle(t, EventSet::OUT, &mut NoReg);
+            self.handle(Token::Endpoint(t).encode(), EventSet::OUT, &mut NoReg);
         }
 
         /// The backend became readable.
         pub(crate) fn readable(&mut self, t: u32) {
-            self.handle(t, EventSet::IN, &mut NoReg);
+            self.handle(Token::Endpoint(t).encode(), EventSet::IN, &mut NoReg);
         }
 
         /// Frontend `i` drained its input.
         pub(crate) fn drained(&mut self, i: usize) {
-            self.handle(TOK_FRONTEND + i as u32, EventSet::IN, &mut NoReg);
+            self.handle(Token::Frontend(i).encode(), EventSet::IN, &mut NoReg);
         }
 
-        pub(crate) fn exit_evt(&self) -> &EventFd {
-            &self.exit
+        pub(crate) fn quit_evt(&self) -> &EventFd {
+            &self.quit
         }
 
         pub(crate) fn alive(&self, t: u32) -> bool {
@@ -1638,7 +1224,7 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn pending_of(&self, t: u32) -> usize {
-            self.endpoints.get(&t).map_or(0, |e| e.pending())
+            self.endpoints.get(&t).map_or(0, |e| e.pending(&self.ring))
         }
 
         pub(crate) fn held_input(&self) -> usize {
@@ -1646,9 +1232,27 @@ pub(crate) mod testing {
         }
 
         pub(crate) fn wants_input(&self, t: u32) -> bool {
-            self.endpoints
-                .get(&t)
-                .is_some_and(|e| self.space_for(e.kind) > 0 && e.input.is_some())
+            self.endpoints.get(&t).is_some_and(|e| {
+                e.source
+                    .as_ref()
+                    .is_some_and(|s| self.input.space_for(s.share()) > 0)
+            })
         }
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        for t in [
+            Token::Wake,
+            Token::Timer,
+            Token::Frontend(63),
+            Token::Listener(7),
+            Token::Endpoint(INDEX_MASK),
+            Token::Endpoint(0),
+        ] {
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        assert_eq!(Token::decode(2), None);
+        assert_eq!(Token::decode(4 << TAG_SHIFT), None);
     }
 }

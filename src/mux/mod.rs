@@ -1,4 +1,5 @@
-//! The console multiplexer ("mux-be" / hub): one guest console, many backends, nothing lost.
+//! The console multiplexer ("mux-be" / hub): one guest console, many backends, nothing
+//! lost, nothing unbounded.
 //!
 //! * Output: everything the frontends write forms ONE ordered stream; every backend sees
 //!   the same bytes in the same order; one `write` from a frontend is never interleaved
@@ -6,30 +7,61 @@
 //! * Input: each read from a backend is delivered whole, in arrival order, to the input
 //!   target frontend; when the frontend is full the hub holds the bytes in a bounded
 //!   buffer and stops reading sources until the frontend drains.
-//! * Policies: `stdio` and `file` lossless (a slow terminal paces the guest through
-//!   [`HubWriter::congested`]); `ring` keeps the last N bytes; each socket client has a
-//!   bounded queue and is cut off when it overflows, never slowing anyone else.
+//! * Policies, decided in one table (`endpoint::plan`): the terminal and a log file are
+//!   lossless (their backlog paces the guest through [`HubWriter::congested`]); a FIFO or
+//!   device log drops and counts; a socket client that falls too far behind is cut off,
+//!   never slowing the guest or anyone else.
+//! * Bounds: every queue charges what it really costs, every user-sized value has a
+//!   ceiling, and socket clients share one output ring instead of each holding a copy.
+//! * Nothing on the event loop blocks: stdout is written through a private non-blocking
+//!   description, a FIFO or device log without blocking, diagnostics through the
+//!   non-blocking logger (`crate::logging`), and `accept` backs off when out of fds.
 //!
-//! Grammar and per-backend options: [`CONSOLE_SPEC_HELP`].
+//! One module per job:
+//!
+//! | module | job |
+//! |---|---|
+//! | `writer` | [`HubWriter`]: the cross-thread output queue and congestion |
+//! | `frontend` | the frontend contract ([`ConsoleSink`], [`FrontendInput`]) and the input target (Ctrl-A c) |
+//! | `fanout` | sinks, their queues and policies: WHERE A BYTE FANS OUT (`Hub::emit` calls it) |
+//! | `input` | serialization of input, the terminal's reserve, back-pressure |
+//! | `endpoint` | a backend's two halves, and the policy table |
+//! | `listener` | socket admission, idle clients, single-writer arbitration |
+//! | `escape` | the Ctrl-A keys |
+//! | `ring` | the output ring: history and every client's backlog |
+//! | `stats` | counters for `--report` and memory figures |
+//! | `hub` | event routing and shutdown |
+//! | `spec` | the `--console` grammar ([`CONSOLE_SPEC_HELP`]) |
+//! | `term`, `attach`, `backend/` | the terminal, `microvm attach`, the ports |
 
 pub mod attach;
 pub mod backend;
+mod endpoint;
+pub mod escape;
+mod fanout;
+mod frontend;
 pub mod hub;
+mod input;
+mod listener;
 pub mod ring;
 pub mod spec;
+mod stats;
 pub mod term;
+mod timer;
+mod writer;
 
 #[cfg(test)]
 mod props;
 
 pub use attach::attach;
 pub use backend::BackendError;
-pub use hub::{
-    BackendStats, FrontendInput, FrontendStats, Hub, HubConfig, HubStats, HubWriter, ListenerStats,
-    Observer,
-};
+pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
+pub use hub::{Hub, HubConfig, Observer, ShutdownSummary};
+pub use listener::{FdBudgetError, check_fd_budget};
 pub use spec::{CONSOLE_SPEC_HELP, ConsoleSpec, SpecError};
+pub use stats::{BackendStats, FrontendStats, HubStats, ListenerStats, MemoryUse};
 pub use term::TermError;
+pub use writer::HubWriter;
 
 use std::io;
 use std::path::PathBuf;
@@ -46,15 +78,18 @@ pub enum MuxError {
     /// The terminal could not be configured.
     #[error(transparent)]
     Term(#[from] TermError),
-    /// Two hubs asked for stdio.
-    #[error("stdio is already used by another console")]
-    StdioTaken,
-    /// eventfd creation failed.
+    /// stdout cannot be written without blocking.
+    #[error("cannot set up stdout for the console: {0}")]
+    Stdout(io::Error),
+    /// eventfd or timerfd creation failed.
     #[error("cannot create the console hub's eventfd: {0}")]
     EventFd(io::Error),
     /// Too many frontends on one hub.
     #[error("too many console devices on one console (at most {0})")]
     TooManyFrontends(usize),
+    /// The open-file limit does not allow `max-clients`.
+    #[error(transparent)]
+    FdBudget(#[from] FdBudgetError),
     /// `attach` could not connect.
     #[error("cannot connect to console socket '{path}': {source}")]
     Connect {

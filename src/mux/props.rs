@@ -2,8 +2,11 @@
 //! (no event loop, no KVM).
 
 use super::backend::mem::{MemPort, MemState};
-use super::hub::{FrontendInput, Hub, HubConfig, InMode, Policy};
-use super::term::{EscapeKeys, EscapeParser};
+use super::endpoint::InputMode;
+use super::escape::{EscapeKeys, EscapeParser};
+use super::fanout::Policy;
+use super::frontend::FrontendInput;
+use super::hub::{Hub, HubConfig};
 use proptest::prelude::*;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,6 +17,21 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 struct MockFrontend {
     st: Arc<Mutex<MockState>>,
     evt: EventFd,
+}
+
+/// A frontend that counts the hub's "resume output" calls.
+struct Resumes(EventFd, Arc<Mutex<u32>>);
+
+impl FrontendInput for Resumes {
+    fn accept(&mut self, _: &[u8]) -> usize {
+        0
+    }
+    fn drained_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+    fn resume_output(&mut self) {
+        *self.1.lock().unwrap() += 1;
+    }
 }
 
 #[derive(Default)]
@@ -192,7 +210,7 @@ proptest! {
         for chunks in [&a, &b] {
             let (p, s) = MemPort::new();
             s.lock().unwrap().to_read = chunks.iter().cloned().collect();
-            let t = hub.add_mem("src", Box::new(p), None, Some(InMode::Plain));
+            let t = hub.add_mem("src", Box::new(p), None, Some(InputMode::Guest));
             srcs.push((t, s));
         }
         let run = |hub: &mut Hub, step: u8| match step {
@@ -292,7 +310,7 @@ fn input_backpressure_stops_and_resumes_reading() {
     let _w = hub.add_frontend("ttyS0", fe).unwrap();
     let (p, s) = MemPort::new();
     s.lock().unwrap().to_read = (0..50).map(|i| vec![i as u8; 100]).collect();
-    let t = hub.add_mem("sock", Box::new(p), None, Some(InMode::Plain));
+    let t = hub.add_mem("sock", Box::new(p), None, Some(InputMode::Guest));
     for _ in 0..10 {
         hub.readable(t);
     }
@@ -322,12 +340,12 @@ fn stdio_escapes_quit_and_literal() {
         "stdin",
         Box::new(p),
         None,
-        Some(InMode::Escapes(EscapeParser::new(EscapeKeys::Stdio))),
+        Some(InputMode::Terminal(EscapeParser::new(EscapeKeys::Stdio))),
     );
     hub.readable(t);
     hub.readable(t);
     assert_eq!(fst.lock().unwrap().fifo, b"ab\x01c");
-    assert_eq!(hub.exit_evt().read().unwrap(), 1);
+    assert_eq!(hub.quit_evt().read().unwrap(), 1);
 }
 
 #[test]
@@ -341,10 +359,8 @@ fn lossless_hard_cap_drops_with_notice_and_congestion_clears() {
         0,
     );
     let calls = Arc::new(Mutex::new(0));
-    let c2 = calls.clone();
-    hub.on_decongested(Box::new(move || *c2.lock().unwrap() += 1));
-    let (fe, _) = mock(64);
-    let mut w = hub.add_frontend("ttyS0", fe).unwrap();
+    let fe = Resumes(EventFd::new(EFD_NONBLOCK).unwrap(), calls.clone());
+    let mut w = hub.add_frontend("ttyS0", Box::new(fe)).unwrap();
     let (p, s) = mem(Some(0), 0);
     let t = hub.add_mem("stdout", p, Some((Policy::Lossless, 1000)), None);
     w.write_all(&[b'a'; 600]).unwrap();

@@ -1,7 +1,11 @@
 //! A byte ring that keeps exactly the last `capacity` bytes written to it.
 //!
-//! Used as the hub's history (what a late-joining socket client is replayed) and as the
-//! `ring[=SIZE]` backend. Never blocks, never fails: old bytes are overwritten.
+//! The hub keeps ONE of these for its output stream: it is the history (what a
+//! late-joining socket client is replayed, the `ring` content in `--report`) and the
+//! backlog of every socket client at once (a client is a position in the stream; it
+//! reads from here until it has caught up, so no client costs a copy). Never blocks,
+//! never fails: old bytes are overwritten. Memory grows as bytes arrive, never beyond
+//! the capacity.
 
 /// Fixed-capacity byte ring keeping the most recent `capacity` bytes.
 #[derive(Debug, Clone)]
@@ -64,6 +68,12 @@ impl ByteRing {
         if self.buf.len() < self.cap {
             let room = self.cap - self.buf.len();
             let n = room.min(data.len());
+            if self.buf.capacity() - self.buf.len() < n {
+                // Grow geometrically, but never past the capacity (Vec's own doubling
+                // could allocate twice what the limit promises).
+                let want = (self.buf.len() * 2).max(self.buf.len() + n).max(4096);
+                self.buf.reserve_exact(want.min(self.cap) - self.buf.len());
+            }
             self.buf.extend_from_slice(&data[..n]);
             self.len = self.buf.len();
             if n == data.len() {
@@ -106,6 +116,48 @@ impl ByteRing {
         } else {
             (&self.buf[self.head..], &self.buf[..end - self.buf.len()])
         }
+    }
+
+    /// Bytes allocated for the ring now (at most the capacity).
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The bytes from absolute stream position `pos` (counted like [`ByteRing::total`])
+    /// to the newest, as (up to) two slices; `None` when some of them were already
+    /// overwritten, or `pos` lies beyond the stream.
+    pub fn since(&self, pos: u64) -> Option<(&[u8], &[u8])> {
+        let behind = usize::try_from(self.total.checked_sub(pos)?).ok()?;
+        if behind > self.len {
+            return None;
+        }
+        let (a, b) = self.as_slices();
+        let skip = self.len - behind;
+        if skip >= a.len() {
+            Some((&b[skip - a.len()..], &[]))
+        } else {
+            Some((&a[skip..], b))
+        }
+    }
+
+    /// A copy of the last `n` bytes held (fewer if fewer are held), oldest first.
+    pub fn tail(&self, n: usize) -> Vec<u8> {
+        let n = n.min(self.len);
+        let (a, b) = self.since(self.total - n as u64).unwrap_or((&[], &[]));
+        [a, b].concat()
+    }
+
+    /// Raises the capacity to `cap` (never lowers it), keeping what is held.
+    pub fn grow_to(&mut self, cap: usize) {
+        if cap <= self.cap {
+            return;
+        }
+        if self.buf.len() == self.cap && self.cap > 0 {
+            // Full and possibly wrapped: lay it out linearly, then it grows again.
+            self.buf = self.to_vec();
+            self.head = 0;
+        }
+        self.cap = cap;
     }
 
     /// A copy of the held bytes, oldest first.
@@ -152,7 +204,60 @@ mod tests {
         assert_eq!(r.total(), 3);
     }
 
+    #[test]
+    fn since_a_position() {
+        let mut r = ByteRing::new(4);
+        r.push(b"abcdef"); // holds cdef, total 6
+        assert_eq!(r.since(6), Some((&b""[..], &b""[..])));
+        assert_eq!(r.since(2).map(|(a, b)| [a, b].concat()), Some(b"cdef".to_vec()));
+        assert_eq!(r.since(4).map(|(a, b)| [a, b].concat()), Some(b"ef".to_vec()));
+        assert_eq!(r.since(1), None, "overwritten");
+        assert_eq!(r.since(7), None, "beyond the stream");
+        assert_eq!(r.tail(3), b"def");
+        assert_eq!(r.tail(10), b"cdef");
+    }
+
+    #[test]
+    fn grows_keeping_content_and_never_allocates_past_capacity() {
+        let mut r = ByteRing::new(4);
+        r.push(b"abcdef");
+        r.grow_to(8);
+        assert_eq!(r.to_vec(), b"cdef");
+        r.push(b"ghijk");
+        assert_eq!(r.to_vec(), b"defghijk");
+        assert!(r.allocated() <= 8);
+        let mut big = ByteRing::new(10_000);
+        for _ in 0..100 {
+            big.push(&[7; 333]);
+        }
+        assert!(big.allocated() <= 10_000, "{}", big.allocated());
+    }
+
     proptest! {
+        #[test]
+        fn since_matches_the_stream(
+            cap in 1usize..64,
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..100), 0..20),
+            grow in 0usize..64,
+        ) {
+            let mut r = ByteRing::new(cap);
+            let mut all = Vec::new();
+            for (i, c) in chunks.iter().enumerate() {
+                r.push(c);
+                all.extend_from_slice(c);
+                if i == 3 {
+                    r.grow_to(cap + grow);
+                }
+                for pos in 0..=all.len() as u64 {
+                    let want = &all[pos as usize..];
+                    match r.since(pos) {
+                        Some((a, b)) => prop_assert_eq!([a, b].concat(), want.to_vec()),
+                        None => prop_assert!(want.len() > r.len()),
+                    }
+                }
+            }
+        }
+
         #[test]
         fn ring_keeps_exactly_last_size_bytes(
             cap in 0usize..64,

@@ -6,6 +6,9 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
+
+use crate::units::{self, SizeUnit};
 
 /// Most backends one hub may have (a socket listener counts once, whatever its clients).
 pub const MAX_BACKENDS: usize = 8;
@@ -21,6 +24,17 @@ pub const DEFAULT_KEEP: u32 = 5;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// Longest path a unix socket address can hold (`sun_path` minus the NUL).
 pub const MAX_UNIX_PATH: usize = 107;
+/// The largest `ring=` (history kept in memory).
+pub const MAX_RING: usize = 256 << 20;
+/// The largest `queue=` (how far a client may fall behind; the hub keeps one shared
+/// buffer of the largest of `ring` and `queue`, not one per client).
+pub const MAX_QUEUE: usize = 256 << 20;
+/// The largest `max-clients=`.
+pub const MAX_CLIENTS: u64 = 1024;
+/// The largest `rotate=` (1 TiB).
+pub const MAX_ROTATE: u64 = 1 << 40;
+/// The longest `idle-timeout=`.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub mod fuzzing;
 
@@ -31,17 +45,20 @@ All backends see the same output bytes in the same order; input from every
 backend is merged (each read delivered whole, in arrival order) into the guest.
 Each BACKEND is KIND[=VALUE][:OPTION]...; write ',' ':' '\\' inside a path as
 '\\,' '\\:' '\\\\'. Sizes: bytes, or with K, M, G suffix (binary: 2M = 2 MiB).
+Durations: seconds, or with ms, s, m, h suffix.
 
   stdio              this terminal. Lossless: a slow terminal paces the guest.
                      On a tty: raw mode, escape keys Ctrl-A then: x quit,
                      h help, c switch input to the next console, Ctrl-A send
                      Ctrl-A. Not a tty: no raw mode, no escapes; EOF on stdin
                      or a closed stdout never stops the VM.
-  ring[=SIZE]        in-memory log of the last SIZE bytes (default 1M); never
-                     blocks. It is also the history a socket client is sent
-                     when it connects (kept at 1M even without 'ring').
+  ring[=SIZE]        in-memory log of the last SIZE bytes (default 1M, at most
+                     256M); never blocks. It is also the history a socket
+                     client is sent when it connects (1M even without 'ring').
   file=PATH          lossless log, opened in append mode (copytruncate-safe),
-                     flushed on exit. Options:
+                     flushed on exit. A FIFO or device is written without
+                     blocking and drops (and counts) what its reader does not
+                     take; a FIFO needs its reader running first. Options:
                        :rotate=SIZE  rotate when PATH would exceed SIZE
                        :keep=N       rotated files kept, PATH.1..PATH.N (5)
                        :timestamps   UTC time at the start of each line (this
@@ -58,8 +75,15 @@ Each BACKEND is KIND[=VALUE][:OPTION]...; write ',' ':' '\\' inside a path as
                        :ro             clients are viewers; their input is ignored
                        :single-writer  one client holds the keyboard; another
                                        takes it over with Ctrl-A w (all told)
-                       :max-clients=N  simultaneous clients (16)
-                       :queue=SIZE     per-client output queue (1M)
+                       :max-clients=N  simultaneous clients (16, at most 1024
+                                       and what the open-file limit allows);
+                                       when full, a new client takes the place
+                                       of one idle for 30 s or more
+                       :queue=SIZE     how far behind a client may fall (1M, at
+                                       most 256M; all clients share one buffer)
+                       :idle-timeout=DURATION
+                                       disconnect a client that neither typed
+                                       nor took output for that long
                        :mode=OCTAL     socket file permissions instead of 0600,
                                        e.g. mode=0660 lets the file's group attach
                                        (exactly OCTAL: the umask is not applied)
@@ -68,22 +92,7 @@ Each BACKEND is KIND[=VALUE][:OPTION]...; write ',' ':' '\\' inside a path as
 
 Example: --console mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3";
 
-/// `s` with control characters (newlines, escapes, NUL...) written as Rust escapes, so
-/// that a message quoting user input stays one line and cannot drive the terminal.
-pub fn one_line(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+pub use crate::logging::one_line;
 
 /// Errors in a console spec. Each is one line naming the bad part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +123,16 @@ pub enum SpecError {
         part: String,
         /// The size text.
         value: String,
+    },
+    /// A size over its ceiling.
+    #[error("'{}': {what} too large (at most {max})", one_line(part))]
+    TooLarge {
+        /// The backend item.
+        part: String,
+        /// Which value.
+        what: &'static str,
+        /// The ceiling, as a user writes it.
+        max: String,
     },
     /// More than [`MAX_BACKENDS`].
     #[error("too many console backends: {0} (at most 8)")]
@@ -234,6 +253,8 @@ pub struct SockSpec {
     pub queue: usize,
     /// Permissions of a unix socket file ([`DEFAULT_SOCKET_MODE`] unless asked).
     pub mode: u32,
+    /// Disconnect a client idle this long (neither typing nor taking output).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl SockSpec {
@@ -245,6 +266,7 @@ impl SockSpec {
             max_clients: DEFAULT_MAX_CLIENTS,
             queue: DEFAULT_CLIENT_QUEUE,
             mode: DEFAULT_SOCKET_MODE,
+            idle_timeout: None,
         }
     }
 }
@@ -256,6 +278,17 @@ impl ConsoleSpec {
             BackendSpec::Ring { size } => Some(*size),
             _ => None,
         })
+    }
+
+    /// The most socket clients its listeners take together.
+    pub fn max_clients(&self) -> u64 {
+        self.backends
+            .iter()
+            .map(|b| match b {
+                BackendSpec::Sock(s) => s.max_clients as u64,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// True when the spec has a `stdio` backend.
@@ -327,53 +360,31 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// Parse `4096`, `64K`, `2M`, `1G` (also `KB`/`KiB` forms, any case) into bytes; `None` if bad or 0.
+/// Parses a size of the console spec (bytes unless suffixed, see [`crate::units`]);
+/// `None` if bad or 0.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    if digits_end == 0 {
-        return None;
-    }
-    let n: u64 = s[..digits_end].parse().ok()?;
-    let mult: u64 = match s[digits_end..].to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return None,
-    };
-    let v = n.checked_mul(mult)?;
-    (v > 0).then_some(v)
+    units::parse_size(s, SizeUnit::Bytes).filter(|&v| v > 0)
 }
 
-fn fmt_size(n: u64) -> String {
-    const G: u64 = 1 << 30;
-    const M: u64 = 1 << 20;
-    const K: u64 = 1 << 10;
-    if n.is_multiple_of(G) {
-        format!("{}G", n / G)
-    } else if n.is_multiple_of(M) {
-        format!("{}M", n / M)
-    } else if n.is_multiple_of(K) {
-        format!("{}K", n / K)
-    } else {
-        n.to_string()
-    }
-}
-
-fn size_of(part: &str, value: &str) -> Result<u64, SpecError> {
-    parse_size(value).ok_or_else(|| SpecError::BadSize {
+/// A size in `part`, at most `max`.
+fn size_of(part: &str, value: &str, what: &'static str, max: u64) -> Result<u64, SpecError> {
+    let v = parse_size(value).ok_or_else(|| SpecError::BadSize {
         part: part.to_string(),
         value: value.to_string(),
-    })
+    })?;
+    if v > max {
+        return Err(SpecError::TooLarge {
+            part: part.to_string(),
+            what,
+            max: units::format_size(max),
+        });
+    }
+    Ok(v)
 }
 
-fn usize_size(part: &str, value: &str) -> Result<usize, SpecError> {
-    let v = size_of(part, value)?;
-    usize::try_from(v).map_err(|_| SpecError::BadSize {
-        part: part.to_string(),
-        value: value.to_string(),
-    })
+fn usize_size(part: &str, value: &str, what: &'static str, max: usize) -> Result<usize, SpecError> {
+    // `max` fits in a usize, so the checked value does too.
+    size_of(part, value, what, max as u64).map(|v| v as usize)
 }
 
 /// Parse the tcp value at the start of `rest`: `ADDR:PORT` or `[V6]:PORT`.
@@ -449,7 +460,7 @@ fn parse_backend(item: &str) -> Result<BackendSpec, SpecError> {
         "ring" => {
             no_opts(kind, &opts)?;
             let size = match value {
-                Some(v) => usize_size(item, &v)?,
+                Some(v) => usize_size(item, &v, "ring size", MAX_RING)?,
                 None => DEFAULT_RING_SIZE,
             };
             Ok(BackendSpec::Ring { size })
@@ -471,7 +482,7 @@ fn parse_backend(item: &str) -> Result<BackendSpec, SpecError> {
                 let o = unescape(o, item)?;
                 let (name, v) = split_opt(&o);
                 match (name, v) {
-                    ("rotate", Some(v)) => f.rotate = Some(size_of(item, v)?),
+                    ("rotate", Some(v)) => f.rotate = Some(size_of(item, v, "rotate size", MAX_ROTATE)?),
                     ("keep", Some(v)) => f.keep = parse_count(kind, &o, v, 1024)? as u32,
                     ("timestamps" | "ts", None) => f.timestamps = true,
                     _ => {
@@ -533,8 +544,19 @@ fn apply_sock_opts(
         match (name, v) {
             ("ro", None) => s.read_only = true,
             ("single-writer" | "sw", None) => s.single_writer = true,
-            ("max-clients", Some(v)) => s.max_clients = parse_count(kind, &o, v, 1024)? as usize,
-            ("queue", Some(v)) => s.queue = usize_size(item, v)?,
+            ("max-clients", Some(v)) => s.max_clients = parse_count(kind, &o, v, MAX_CLIENTS)? as usize,
+            ("queue", Some(v)) => s.queue = usize_size(item, v, "queue size", MAX_QUEUE)?,
+            ("idle-timeout", Some(v)) => {
+                s.idle_timeout = Some(
+                    units::parse_duration(v)
+                        .filter(|d| *d <= MAX_IDLE_TIMEOUT)
+                        .ok_or_else(|| SpecError::BadOption {
+                            kind: kind.into(),
+                            opt: o.clone(),
+                            why: "expected a duration from 1ms to 7 days, e.g. 10m",
+                        })?,
+                )
+            }
             ("mode", Some(v)) => {
                 let bad = |why| SpecError::BadOption {
                     kind: kind.into(),
@@ -606,11 +628,11 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::Stdio => write!(f, "stdio"),
-            BackendSpec::Ring { size } => write!(f, "ring={}", fmt_size(*size as u64)),
+            BackendSpec::Ring { size } => write!(f, "ring={}", units::format_size(*size as u64)),
             BackendSpec::File(s) => {
                 write!(f, "file={}", escape(&s.path.to_string_lossy()))?;
                 if let Some(r) = s.rotate {
-                    write!(f, ":rotate={}", fmt_size(r))?;
+                    write!(f, ":rotate={}", units::format_size(r))?;
                 }
                 if s.keep != DEFAULT_KEEP {
                     write!(f, ":keep={}", s.keep)?;
@@ -636,10 +658,13 @@ impl fmt::Display for BackendSpec {
                     write!(f, ":max-clients={}", s.max_clients)?;
                 }
                 if s.queue != DEFAULT_CLIENT_QUEUE {
-                    write!(f, ":queue={}", fmt_size(s.queue as u64))?;
+                    write!(f, ":queue={}", units::format_size(s.queue as u64))?;
                 }
                 if s.mode != DEFAULT_SOCKET_MODE {
                     write!(f, ":mode={:04o}", s.mode)?;
+                }
+                if let Some(d) = s.idle_timeout {
+                    write!(f, ":idle-timeout={}", units::format_duration(d))?;
                 }
                 Ok(())
             }
@@ -889,6 +914,25 @@ mod tests {
     }
 
     #[test]
+    fn user_sized_values_have_ceilings() {
+        for (spec, what) in [
+            ("ring=100G", "ring size too large (at most 256M)"),
+            ("sock=/s:queue=18446744073709551615", "queue size too large"),
+            ("sock=/s:queue=99999999999999999999", "bad size"),
+            ("sock=/s:queue=512M", "queue size too large (at most 256M)"),
+            ("file=/l:rotate=2T", "rotate size too large (at most 1T)"),
+            ("sock=/s:max-clients=1025", "from 1 to 1024"),
+            ("sock=/s:idle-timeout=8d", "expected a duration"),
+            ("sock=/s:idle-timeout=0", "expected a duration"),
+        ] {
+            let e = p(spec).unwrap_err().to_string();
+            assert!(e.contains(what), "{spec}: {e}");
+        }
+        let s = p("mux:ring=256M,sock=/s:queue=256M:idle-timeout=90s").unwrap();
+        assert_eq!(s.to_string(), "mux:ring=256M,sock=/s:queue=256M:idle-timeout=90s");
+    }
+
+    #[test]
     fn socket_mode_option() {
         let mode = |s: &str| match &p(s).unwrap().backends[0] {
             BackendSpec::Sock(k) => k.mode,
@@ -976,9 +1020,10 @@ mod tests {
                 any::<bool>(),
                 1usize..1024,
                 1usize..(1 << 24),
-                0u32..0o1000
+                0u32..0o1000,
+                proptest::option::of(1u64..604_800_000),
             )
-                .prop_map(|(p, read_only, single_writer, max_clients, queue, mode)| {
+                .prop_map(|(p, read_only, single_writer, max_clients, queue, mode, idle)| {
                     BackendSpec::Sock(SockSpec {
                         listen: Listen::Unix(p),
                         read_only,
@@ -986,6 +1031,7 @@ mod tests {
                         max_clients,
                         queue,
                         mode,
+                        idle_timeout: idle.map(Duration::from_millis),
                     })
                 }),
             (any::<[u8; 4]>(), any::<u16>(), any::<bool>()).prop_map(|(ip, port, read_only)| {

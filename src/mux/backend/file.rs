@@ -1,10 +1,16 @@
 //! `file=PATH`: lossless append-mode log with optional rotation and line timestamps.
+//!
+//! A regular file is written directly (the hub's lossless policy: its backlog paces the
+//! guest). A FIFO or a device is opened and written without blocking (never polled by
+//! open: a FIFO without a reader is refused at start instead of hanging there) and gets
+//! the drop-and-count policy: a reader that stops costs it bytes, never the VM's
+//! progress. Rotation and the moved-file check apply to regular files only.
 
 use super::{BackendError, Port};
 use crate::mux::spec::FileSpec;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,7 +38,15 @@ pub(crate) struct FilePort {
     timestamps: bool,
     at_line_start: bool,
     scratch: Vec<u8>,
+    /// A regular file (else a FIFO or device, written without blocking).
+    regular: bool,
+    /// Timestamped bytes a non-regular file has yet to take.
+    unwritten: Vec<u8>,
 }
+
+/// Bytes of input a non-regular file takes per write (its timestamped copy waits in the
+/// port until the reader takes it: bounded by this).
+const NONREGULAR_CHUNK: usize = 64 << 10;
 
 fn open_append(path: &Path) -> Result<File, BackendError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -44,16 +58,33 @@ fn open_append(path: &Path) -> Result<File, BackendError> {
             path: path.to_path_buf(),
         });
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
+        // Never wait in open (a FIFO without a reader would block it forever).
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| BackendError::Open {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENXIO) => BackendError::FifoNoReader(path.to_path_buf()),
+            _ => BackendError::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    if file.metadata().is_ok_and(|m| m.is_file()) {
+        // A regular file: plain blocking writes on our own description (O_NONBLOCK
+        // means nothing for it anyway).
+        // SAFETY: F_SETFL on our own descriptor with flags read from it.
+        unsafe {
+            let fd = file.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+    }
+    Ok(file)
 }
 
 impl FilePort {
@@ -63,6 +94,7 @@ impl FilePort {
         let file = open_append(&spec.path)?;
         let meta = file.metadata().ok();
         let size = meta.as_ref().map_or(0, |m| m.len());
+        let regular = meta.as_ref().is_some_and(|m| m.is_file());
         Ok(FilePort {
             path: spec.path.clone(),
             file,
@@ -76,7 +108,56 @@ impl FilePort {
             timestamps: spec.timestamps,
             at_line_start: true,
             scratch: Vec::new(),
+            regular,
+            unwritten: Vec::new(),
         })
+    }
+
+    /// A regular file (the lossless policy), not a FIFO or device.
+    pub(crate) fn is_regular(&self) -> bool {
+        self.regular
+    }
+
+    /// `buf` with a timestamp at each line start (when asked), appended to `out`.
+    fn stamp(&mut self, buf: &[u8], out: &mut Vec<u8>) {
+        if !self.timestamps {
+            out.extend_from_slice(buf);
+            return;
+        }
+        let stamp = timestamp(SystemTime::now());
+        for &b in buf {
+            if self.at_line_start {
+                out.extend_from_slice(stamp.as_bytes());
+                self.at_line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.at_line_start = true;
+            }
+        }
+    }
+
+    /// Non-regular files: what is left of the last write first, then up to
+    /// [`NONREGULAR_CHUNK`] bytes of `buf`; never blocks.
+    fn write_nonregular(&mut self, buf: &[u8]) -> io::Result<usize> {
+        while !self.unwritten.is_empty() {
+            match self.file.write(&self.unwritten)? {
+                0 => return Err(io::ErrorKind::WouldBlock.into()),
+                n => drop(self.unwritten.drain(..n)),
+            }
+        }
+        let take = buf.len().min(NONREGULAR_CHUNK);
+        let mut out = std::mem::take(&mut self.unwritten);
+        self.stamp(&buf[..take], &mut out);
+        match self.file.write(&out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        self.unwritten = out;
+        Ok(take)
     }
 
     fn numbered(&self, n: u32) -> PathBuf {
@@ -144,34 +225,32 @@ impl FilePort {
 
 impl Port for FilePort {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.regular {
+            return self.write_nonregular(buf);
+        }
         if !self.timestamps {
             self.write_out(buf)?;
             return Ok(buf.len());
         }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        let stamp = timestamp(SystemTime::now());
-        for &b in buf {
-            if self.at_line_start {
-                out.extend_from_slice(stamp.as_bytes());
-                self.at_line_start = false;
-            }
-            out.push(b);
-            if b == b'\n' {
-                self.at_line_start = true;
-            }
-        }
+        self.stamp(buf, &mut out);
         let r = self.write_out(&out);
         self.scratch = out;
         r.map(|()| buf.len())
     }
 
     fn fd(&self) -> Option<RawFd> {
-        None
+        // A FIFO or device is polled for room; a regular file always has it.
+        (!self.regular).then(|| self.file.as_raw_fd())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        if self.regular {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
     }
 
     fn discard(&mut self) {

@@ -46,6 +46,9 @@ pub enum BackendError {
         /// The OS error.
         source: io::Error,
     },
+    /// A FIFO as log whose reader is not running.
+    #[error("console log '{0}' is a FIFO with no reader; start its reader first")]
+    FifoNoReader(PathBuf),
     /// Opening a log file failed.
     #[error("cannot open console log '{path}': {source}")]
     Open {

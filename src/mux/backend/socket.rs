@@ -2,7 +2,6 @@
 
 use super::{BackendError, Port, cvt};
 use crate::mux::spec::MAX_UNIX_PATH;
-use crate::mux::term::log_line;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -184,7 +183,7 @@ pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError
             Ok(_) => return Err(BackendError::SocketInUse(path.to_path_buf())),
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 std::fs::remove_file(path).map_err(listen_err)?;
-                log_line(&format!("removed stale console socket {}", path.display()));
+                log::info!("removed stale console socket {}", path.display());
             }
             Err(e) => return Err(listen_err(e)),
         }
@@ -253,9 +252,9 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
             source,
         })?;
     if !addr.ip().is_loopback() {
-        log_line(&format!(
+        log::warn!(
             "warning: console on tcp {addr} is reachable from the network and has no authentication"
-        ));
+        );
     }
     Ok(Listener::Tcp(l))
 }

@@ -38,12 +38,12 @@ use std::sync::{Arc, Mutex};
 use event_manager::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{
-    Endpoint, FrontendInput, Hub, HubConfig, InMode, InState, Kind, NoReg, Port, TOK_FRONTEND,
-    TOK_WAKE,
-};
+use super::{Hub, HubConfig, NoReg, Token};
 use crate::fuzz_input::Input;
-use crate::mux::term::{DETACH_KEY, ESCAPE_PREFIX, EscapeAction, EscapeKeys, EscapeParser};
+use crate::mux::backend::Port;
+use crate::mux::endpoint::{Endpoint, InputMode, Owner, Plan};
+use crate::mux::escape::{DETACH_KEY, ESCAPE_PREFIX, EscapeAction, EscapeKeys, EscapeParser};
+use crate::mux::frontend::FrontendInput;
 
 const SOURCES: usize = 4;
 const TERMINAL: usize = 0;
@@ -180,24 +180,22 @@ fn run_hub(data: &[u8]) -> Outcome {
             st: st.clone(),
             seq: seq.clone(),
         };
-        let (kind, mode) = match i {
-            TERMINAL => (
-                Kind::Stdin,
-                InMode::Escapes(EscapeParser::new(EscapeKeys::Stdio)),
-            ),
-            VIEWER => (Kind::File, InMode::Discard),
-            _ => (Kind::File, InMode::Plain),
+        let mode = match i {
+            TERMINAL => InputMode::Terminal(EscapeParser::new(EscapeKeys::Stdio)),
+            VIEWER => InputMode::Viewer,
+            _ => InputMode::Guest,
         };
-        let token = hub.alloc_token();
-        let mut ep = Endpoint::new(format!("source {i}"), Box::new(port), kind);
-        ep.fd = None;
-        ep.input = Some(InState { mode, eof: false });
-        hub.endpoints.insert(token, ep);
+        let plan = Plan {
+            sink: None,
+            input: Some(mode),
+        };
+        let ep = Endpoint::new(format!("source {i}"), Box::new(port), Owner::Backend, plan, 0);
+        let token = hub.insert(ep);
         sources.push((token, st));
     }
     hub.init_with(&mut NoReg);
 
-    let drained = |hub: &mut Hub| hub.handle(TOK_FRONTEND, EventSet::IN, &mut NoReg);
+    let drained = |hub: &mut Hub| hub.handle(Token::Frontend(0).encode(), EventSet::IN, &mut NoReg);
     while let Some(op) = input.u8() {
         match op % 5 {
             0 => {
@@ -216,7 +214,7 @@ fn run_hub(data: &[u8]) -> Outcome {
             1 => {
                 let Some(src) = input.u8() else { break };
                 hub.handle(
-                    sources[usize::from(src) % SOURCES].0,
+                    Token::Endpoint(sources[usize::from(src) % SOURCES].0).encode(),
                     EventSet::IN,
                     &mut NoReg,
                 );
@@ -239,7 +237,7 @@ fn run_hub(data: &[u8]) -> Outcome {
                 lock(&sources[1 + usize::from(src) % 2].1).eof = true;
             }
             _ => {
-                hub.handle(TOK_WAKE, EventSet::IN, &mut NoReg);
+                hub.handle(Token::Wake.encode(), EventSet::IN, &mut NoReg);
                 drained(&mut hub);
             }
         }
@@ -270,7 +268,7 @@ fn run_hub(data: &[u8]) -> Outcome {
         }
         drained(&mut hub);
         for (t, _) in &sources {
-            hub.handle(*t, EventSet::IN, &mut NoReg);
+            hub.handle(Token::Endpoint(*t).encode(), EventSet::IN, &mut NoReg);
         }
         assert!(
             hub.input.len() <= capacity,
