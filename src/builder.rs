@@ -207,8 +207,8 @@ fn create_consoles(
     checks: &ConsoleChecks,
 ) -> Result<Consoles, BuildError> {
     // Every socket client needs a file descriptor: check the limit before any exists.
-    let clients = config.console.max_clients()
-        + config.serial.as_ref().map_or(0, ConsoleSpec::max_clients);
+    let clients =
+        config.console.max_clients() + config.serial.as_ref().map_or(0, ConsoleSpec::max_clients);
     crate::mux::check_fd_budget(clients).map_err(MuxError::from)?;
     let mut consoles = Consoles {
         hubs: Vec::new(),

@@ -280,7 +280,10 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 }
 
 /// Checks that at most one console hub owns the terminal.
-pub fn check_consoles(console: &ConsoleSpec, serial: Option<&ConsoleSpec>) -> Result<(), ConfigError> {
+pub fn check_consoles(
+    console: &ConsoleSpec,
+    serial: Option<&ConsoleSpec>,
+) -> Result<(), ConfigError> {
     if console.has_stdio() && serial.is_some_and(ConsoleSpec::has_stdio) {
         return Err(ConfigError::StdioTwice);
     }

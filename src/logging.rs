@@ -90,7 +90,8 @@ impl Filter {
                 }
             }
         }
-        f.directives.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        f.directives
+            .sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
         f
     }
 
@@ -300,7 +301,11 @@ mod tests {
         assert_eq!(f.level_for("event_manager"), LevelFilter::Debug);
         assert_eq!(f.level_for("microvm"), LevelFilter::Debug);
         let f = Filter::parse(Some("error"));
-        assert_eq!(f.level_for("microvm::x"), LevelFilter::Warn, "own warnings stay");
+        assert_eq!(
+            f.level_for("microvm::x"),
+            LevelFilter::Warn,
+            "own warnings stay"
+        );
         let f = Filter::parse(Some("vm_superio=trace,microvm::mux=debug,bogus=nope,,x"));
         assert_eq!(f.level_for("vm_superio::serial"), LevelFilter::Trace);
         assert_eq!(f.level_for("microvm::mux::hub"), LevelFilter::Debug);
@@ -317,7 +322,9 @@ mod tests {
             suppressed: 0,
             unwritten: 0,
         };
-        let admitted = (0..BURST + 20).filter(|_| Logger::admit(&mut s, t0)).count();
+        let admitted = (0..BURST + 20)
+            .filter(|_| Logger::admit(&mut s, t0))
+            .count();
         assert_eq!(admitted, BURST as usize);
         assert_eq!(s.suppressed, 20);
         let later = t0 + Duration::from_secs(1);

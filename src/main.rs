@@ -91,7 +91,10 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
             continue;
         }
         let which = if i == 0 { "--console" } else { "--serial" };
-        final_line(&format!("last {} lines of the {which} output:", lines.len()));
+        final_line(&format!(
+            "last {} lines of the {which} output:",
+            lines.len()
+        ));
         for l in lines {
             microvm::logging::final_raw(&format!("  | {l}"));
         }

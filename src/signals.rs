@@ -194,7 +194,12 @@ pub fn resize_events() -> Result<EventFd, SignalError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SignalError::EventFd)?;
     let signal_side = evt.try_clone().map_err(SignalError::EventFd)?;
     if WINCH_FD
-        .compare_exchange(-1, signal_side.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst)
+        .compare_exchange(
+            -1,
+            signal_side.as_raw_fd(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
         .is_err()
     {
         return Err(SignalError::EventFd(std::io::Error::other(

@@ -105,7 +105,15 @@ mod tests {
         assert_eq!(parse_size("512", SizeUnit::MiB), Some(512 << 20));
         assert_eq!(parse_size("512K", SizeUnit::MiB), Some(512 << 10));
         for bad in [
-            "", "M", "-1M", "1.5G", "12X", "1iB", "B", "2 M", "99999999999999T",
+            "",
+            "M",
+            "-1M",
+            "1.5G",
+            "12X",
+            "1iB",
+            "B",
+            "2 M",
+            "99999999999999T",
             "99999999999999999999",
         ] {
             assert_eq!(b(bad), None, "{bad}");
@@ -128,7 +136,16 @@ mod tests {
         assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("5min"), Some(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        for bad in ["", "0", "0s", "s", "-1", "1.5s", "3d", "99999999999999999999h"] {
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "s",
+            "-1",
+            "1.5s",
+            "3d",
+            "99999999999999999999h",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
         for d in ["90s", "1500ms", "5m"] {

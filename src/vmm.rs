@@ -166,9 +166,9 @@ impl Vmm {
                 Ok(Err(e)) => self
                     .exit
                     .exit(ExitReason::Error(format!("event loop failed: {e:?}"))),
-                Err(_) => self
-                    .exit
-                    .exit(ExitReason::Error("internal error: the event loop panicked".into())),
+                Err(_) => self.exit.exit(ExitReason::Error(
+                    "internal error: the event loop panicked".into(),
+                )),
             }
             self.checks.checks.poll();
         }

@@ -19,8 +19,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ConsoleSink;
-use crate::mux::FrontendInput;
 use super::bus::BusDevice;
+use crate::mux::FrontendInput;
 
 pub mod fuzzing;
 

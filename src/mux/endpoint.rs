@@ -259,7 +259,10 @@ impl Endpoint {
     /// Stops its output (the peer is gone), keeping the counts.
     pub(crate) fn drop_sink(&mut self) {
         if let Some(s) = self.sink.take() {
-            self.retired_out = (self.retired_out.0 + s.written, self.retired_out.1 + s.dropped);
+            self.retired_out = (
+                self.retired_out.0 + s.written,
+                self.retired_out.1 + s.dropped,
+            );
         }
     }
 
@@ -309,7 +312,10 @@ impl Endpoint {
 
     /// Bytes delivered to it and bytes it lost, so far.
     pub(crate) fn out_counts(&self) -> (u64, u64) {
-        let (w, d) = self.sink.as_ref().map_or((0, 0), |s| (s.written, s.dropped));
+        let (w, d) = self
+            .sink
+            .as_ref()
+            .map_or((0, 0), |s| (s.written, s.dropped));
         (self.retired_out.0 + w, self.retired_out.1 + d)
     }
 

@@ -138,5 +138,4 @@ mod tests {
         assert_eq!(o, b"ls");
         assert_eq!(a, vec![EscapeAction::TakeOver]);
     }
-
 }

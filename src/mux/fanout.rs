@@ -439,7 +439,12 @@ mod tests {
     use super::super::backend::mem::MemPort;
     use super::*;
 
-    fn port(budget: Option<usize>) -> (MemPort, std::sync::Arc<std::sync::Mutex<super::super::backend::mem::MemState>>) {
+    fn port(
+        budget: Option<usize>,
+    ) -> (
+        MemPort,
+        std::sync::Arc<std::sync::Mutex<super::super::backend::mem::MemState>>,
+    ) {
         let (p, s) = MemPort::new();
         s.lock().unwrap().budget = budget;
         (p, s)
@@ -455,7 +460,11 @@ mod tests {
         }
         assert_eq!(sink.pending(&ring), 100_000);
         // 7 tail buffers of 16 KiB, not 100,000 chunks.
-        assert!(sink.charged() < 100_000 + 8 * (CHUNK_COST + MERGED_MAX), "{}", sink.charged());
+        assert!(
+            sink.charged() < 100_000 + 8 * (CHUNK_COST + MERGED_MAX),
+            "{}",
+            sink.charged()
+        );
         s.lock().unwrap().budget = None;
         sink.flush(&mut p, &ring, "t").unwrap();
         assert_eq!(s.lock().unwrap().written.len(), 100_000);
@@ -476,7 +485,10 @@ mod tests {
         s.lock().unwrap().budget = None;
         sink.flush(&mut p, &ring, "slow log").unwrap();
         let out = String::from_utf8_lossy(&s.lock().unwrap().written).into_owned();
-        assert!(out.contains("bytes of console output dropped here: slow log too slow"), "{out}");
+        assert!(
+            out.contains("bytes of console output dropped here: slow log too slow"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -209,8 +209,14 @@ mod tests {
         let mut r = ByteRing::new(4);
         r.push(b"abcdef"); // holds cdef, total 6
         assert_eq!(r.since(6), Some((&b""[..], &b""[..])));
-        assert_eq!(r.since(2).map(|(a, b)| [a, b].concat()), Some(b"cdef".to_vec()));
-        assert_eq!(r.since(4).map(|(a, b)| [a, b].concat()), Some(b"ef".to_vec()));
+        assert_eq!(
+            r.since(2).map(|(a, b)| [a, b].concat()),
+            Some(b"cdef".to_vec())
+        );
+        assert_eq!(
+            r.since(4).map(|(a, b)| [a, b].concat()),
+            Some(b"ef".to_vec())
+        );
         assert_eq!(r.since(1), None, "overwritten");
         assert_eq!(r.since(7), None, "beyond the stream");
         assert_eq!(r.tail(3), b"def");

@@ -482,7 +482,9 @@ fn parse_backend(item: &str) -> Result<BackendSpec, SpecError> {
                 let o = unescape(o, item)?;
                 let (name, v) = split_opt(&o);
                 match (name, v) {
-                    ("rotate", Some(v)) => f.rotate = Some(size_of(item, v, "rotate size", MAX_ROTATE)?),
+                    ("rotate", Some(v)) => {
+                        f.rotate = Some(size_of(item, v, "rotate size", MAX_ROTATE)?)
+                    }
                     ("keep", Some(v)) => f.keep = parse_count(kind, &o, v, 1024)? as u32,
                     ("timestamps" | "ts", None) => f.timestamps = true,
                     _ => {
@@ -544,7 +546,9 @@ fn apply_sock_opts(
         match (name, v) {
             ("ro", None) => s.read_only = true,
             ("single-writer" | "sw", None) => s.single_writer = true,
-            ("max-clients", Some(v)) => s.max_clients = parse_count(kind, &o, v, MAX_CLIENTS)? as usize,
+            ("max-clients", Some(v)) => {
+                s.max_clients = parse_count(kind, &o, v, MAX_CLIENTS)? as usize
+            }
             ("queue", Some(v)) => s.queue = usize_size(item, v, "queue size", MAX_QUEUE)?,
             ("idle-timeout", Some(v)) => {
                 s.idle_timeout = Some(
@@ -929,7 +933,10 @@ mod tests {
             assert!(e.contains(what), "{spec}: {e}");
         }
         let s = p("mux:ring=256M,sock=/s:queue=256M:idle-timeout=90s").unwrap();
-        assert_eq!(s.to_string(), "mux:ring=256M,sock=/s:queue=256M:idle-timeout=90s");
+        assert_eq!(
+            s.to_string(),
+            "mux:ring=256M,sock=/s:queue=256M:idle-timeout=90s"
+        );
     }
 
     #[test]
@@ -1023,17 +1030,19 @@ mod tests {
                 0u32..0o1000,
                 proptest::option::of(1u64..604_800_000),
             )
-                .prop_map(|(p, read_only, single_writer, max_clients, queue, mode, idle)| {
-                    BackendSpec::Sock(SockSpec {
-                        listen: Listen::Unix(p),
-                        read_only,
-                        single_writer,
-                        max_clients,
-                        queue,
-                        mode,
-                        idle_timeout: idle.map(Duration::from_millis),
-                    })
-                }),
+                .prop_map(
+                    |(p, read_only, single_writer, max_clients, queue, mode, idle)| {
+                        BackendSpec::Sock(SockSpec {
+                            listen: Listen::Unix(p),
+                            read_only,
+                            single_writer,
+                            max_clients,
+                            queue,
+                            mode,
+                            idle_timeout: idle.map(Duration::from_millis),
+                        })
+                    }
+                ),
             (any::<[u8; 4]>(), any::<u16>(), any::<bool>()).prop_map(|(ip, port, read_only)| {
                 let mut s = SockSpec::new(Listen::Tcp(SocketAddr::from((ip, port))));
                 s.read_only = read_only;

@@ -81,6 +81,9 @@ pub struct MemoryUse {
 impl MemoryUse {
     /// Everything together.
     pub fn total(&self) -> usize {
-        self.writer_queue + self.input + self.ring + self.sinks.iter().map(|(_, n)| n).sum::<usize>()
+        self.writer_queue
+            + self.input
+            + self.ring
+            + self.sinks.iter().map(|(_, n)| n).sum::<usize>()
     }
 }

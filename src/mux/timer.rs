@@ -19,7 +19,10 @@ impl Timer {
     pub(crate) fn new() -> io::Result<Timer> {
         // SAFETY: plain timerfd_create; the result is checked.
         let fd = unsafe {
-            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -86,7 +89,8 @@ mod tests {
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut p, 1, 5000) }, 1);
         t.ack();
-        t.arm(Some(Instant::now() + Duration::from_secs(60))).unwrap();
+        t.arm(Some(Instant::now() + Duration::from_secs(60)))
+            .unwrap();
         t.arm(None).unwrap();
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut p, 1, 20) }, 0);

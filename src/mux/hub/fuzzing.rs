@@ -189,7 +189,13 @@ fn run_hub(data: &[u8]) -> Outcome {
             sink: None,
             input: Some(mode),
         };
-        let ep = Endpoint::new(format!("source {i}"), Box::new(port), Owner::Backend, plan, 0);
+        let ep = Endpoint::new(
+            format!("source {i}"),
+            Box::new(port),
+            Owner::Backend,
+            plan,
+            0,
+        );
         let token = hub.insert(ep);
         sources.push((token, st));
     }
