@@ -621,3 +621,78 @@ fn print_default_cmdline_follows_the_console_setup() {
         without.stdout
     );
 }
+
+#[test]
+fn console_values_over_their_ceilings_are_usage_errors() {
+    let d = tmpdir("ceilings");
+    let img = poweroff_image(&d);
+    for (spec, needle) in [
+        ("ring=100G", "ring size too large (at most 256M)"),
+        (
+            "sock=/tmp/x.sock:queue=18446744073709551615",
+            "queue size too large",
+        ),
+        ("sock=/tmp/x.sock:max-clients=5000", "from 1 to 1024"),
+    ] {
+        let o = microvm(&[
+            "--real-mode-image",
+            img.to_str().unwrap(),
+            "--console",
+            spec,
+        ]);
+        assert_error(&o, 2, needle);
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// max-clients is checked against the open-file limit before anything starts, with the
+/// way out in the message (the old hub accepted it and then spun on EMFILE).
+#[test]
+fn max_clients_beyond_the_open_file_limit_is_refused_at_start() {
+    let d = tmpdir("nofile");
+    let img = poweroff_image(&d);
+    let sock = d.join("c.sock");
+    let mut cmd = Command::new(MICROVM);
+    cmd.args([
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        &format!("sock={}:max-clients=200", sock.display()),
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; the child only sets its own limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = run_bounded(cmd);
+    assert_error(&o, 2, "ulimit -n");
+    assert!(o.stderr.contains("max-clients"), "{}", o.stderr);
+    assert!(!sock.exists(), "no socket was created");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn console_log_fifo_without_a_reader_fails_at_once() {
+    let d = tmpdir("logfifo");
+    let img = poweroff_image(&d);
+    let fifo = d.join("log.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = microvm(&[
+        "--real-mode-image",
+        img.to_str().unwrap(),
+        "--console",
+        &format!("mux:stdio,file={}", fifo.display()),
+    ]);
+    assert_error(&o, 1, "is a FIFO with no reader; start its reader first");
+    let _ = std::fs::remove_dir_all(d);
+}

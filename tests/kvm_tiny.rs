@@ -1077,3 +1077,172 @@ fn uart_flood_memory_stays_flat_stalled_client_cut_off_ring_holds_the_tail() {
     drop(stalled);
     let _ = std::fs::remove_dir_all(d);
 }
+
+// ---- stderr, panics and a second signal (docs/RELIABILITY.md, "Hub bounds") ---------
+
+/// Runs microvm on `guest` with `stderr` as its stderr (stdin and stdout /dev/null) and
+/// waits (bounded) for its status.
+fn run_with_stderr(
+    name: &str,
+    guest: &[u8],
+    args: &[&str],
+    stderr: Stdio,
+    env: &[(&str, &str)],
+) -> i32 {
+    let img = image(name, guest);
+    let mut child = Command::new(MICROVM)
+        .arg("--real-mode-image")
+        .arg(&img)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("microvm hung with stderr {name}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = std::fs::remove_file(img);
+    st.code().unwrap_or(-1)
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: a valid 2-element array for pipe2(2).
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: two fresh descriptors we own.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// stderr a pipe nobody drains (full before microvm starts), or one whose reader is
+/// gone: the guest's exit code is still the status and the report is written (the old
+/// VMM hung on a full stderr, or panicked on a closed one and exited 1 or 101).
+#[test]
+fn a_full_or_closed_stderr_never_changes_the_outcome() {
+    use std::os::fd::AsRawFd;
+    let d = scratch("stderr");
+    for case in ["full", "closed"] {
+        let report = d.join(format!("{case}.json"));
+        let (r, w) = pipe();
+        if case == "full" {
+            // Fill it (non-blocking for the filling only), then hand it over blocking.
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            let chunk = [b'#'; 4096];
+            // SAFETY: writing a valid buffer to our own pipe.
+            while unsafe { libc::write(w.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+            // SAFETY: as above.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
+        }
+        let reader = (case == "full").then_some(r);
+        // `sock` without a path logs its path at start: the first stderr write.
+        let code = run_with_stderr(
+            case,
+            &print_then("hello\n", &exit_code(3)),
+            &[
+                "--console",
+                &format!(
+                    "mux:stdio,sock={}",
+                    d.join(format!("{case}.sock")).display()
+                ),
+                "--report",
+                report.to_str().unwrap(),
+            ],
+            Stdio::from(w),
+            &[],
+        );
+        assert_eq!(code, 3, "stderr {case}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(j["guest_exit_code"], 3, "report with stderr {case}");
+        drop(reader);
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// A panic on a vCPU thread (under its seccomp filter) or on the event loop ends the
+/// VM with status 1, one line saying where, and the report (the old VMM's vCPU panic left
+/// the VM hung; under the filters its panic hook tripped seccomp).
+#[test]
+fn a_panic_on_any_thread_ends_the_vm_with_status_1() {
+    let d = scratch("panic");
+    for thread in ["vcpu", "event-loop"] {
+        let report = d.join(format!("{thread}.json"));
+        let img = image(thread, &spin_guest());
+        let out = Command::new(MICROVM)
+            .arg("--real-mode-image")
+            .arg(&img)
+            .args(["--console", "ring", "--report", report.to_str().unwrap()])
+            .env("MICROVM_TEST_PANIC", thread)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(img);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{thread}: {stderr}");
+        assert!(
+            stderr.contains("internal error: thread"),
+            "{thread}: {stderr}"
+        );
+        assert!(stderr.contains("MICROVM_TEST_PANIC"), "{thread}: {stderr}");
+        assert!(!stderr.contains("seccomp"), "{thread}: {stderr}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(j["exit"]["reason"], "error", "{thread}");
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// SIGTERM waits (a bounded time) for the terminal to take the guest's last output; a
+/// second SIGTERM ends microvm at once, 128+15 all the same.
+#[test]
+fn a_second_sigterm_ends_the_flush_at_once() {
+    let d = scratch("sigterm2");
+    for signals in [1, 2] {
+        let log = d.join(format!("c{signals}.log"));
+        let spec = format!("mux:stdio,file={}", log.display());
+        // stdout is a pipe nobody reads: once it is full, the terminal is behind.
+        let mut vm = Vmm::start_with(
+            "sigterm2",
+            &counter_flood_guest(),
+            &["--console", &spec],
+            Stdio::null(),
+            Stdio::piped(),
+            false,
+        );
+        vm.wait_for("stdout's pipe full, and more", |_| {
+            std::fs::metadata(&log).is_ok_and(|m| m.len() > 80 << 10)
+        });
+        vm.signal(libc::SIGTERM);
+        if signals == 2 {
+            std::thread::sleep(Duration::from_millis(300));
+            vm.signal(libc::SIGTERM);
+        }
+        let st = vm.wait();
+        assert_eq!(st.code(), Some(143), "{signals} signal(s): {}", vm.stderr());
+        let said = vm.stderr().contains("stopped by signal 15");
+        assert_eq!(
+            said,
+            signals == 1,
+            "the flush ran to its end only with one signal: {}",
+            vm.stderr()
+        );
+    }
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -10,6 +10,7 @@ use std::time::Instant;
 use event_manager::EventSet;
 
 use super::backend::Port;
+use super::backend::file::LineStamper;
 use super::escape::{EscapeKeys, EscapeParser};
 use super::fanout::{Gone, Policy, Sink};
 use super::input::Share;
@@ -163,6 +164,10 @@ pub(crate) struct Endpoint {
     pub cut_off: bool,
     /// Last time it typed or took output (idle clients).
     pub last_active: Instant,
+    /// `:timestamps`: its copy of the stream gets line-start timestamps.
+    pub stamper: Option<LineStamper>,
+    /// The stamped copy of a chunk (reused).
+    stamped: Vec<u8>,
 }
 
 /// What one read from a source gave.
@@ -202,6 +207,8 @@ impl Endpoint {
             dead: None,
             cut_off: false,
             last_active: Instant::now(),
+            stamper: None,
+            stamped: Vec::new(),
         }
     }
 
@@ -249,7 +256,16 @@ impl Endpoint {
             return;
         };
         let before = sink.written;
-        match sink.offer(self.port.as_mut(), data, ring, shared) {
+        let offered = match self.stamper.as_mut() {
+            Some(stamper) => {
+                self.stamped.clear();
+                stamper.stamp(data, &mut self.stamped);
+                // Its own copy: the stream's shared chunk is not what this sink gets.
+                sink.offer(self.port.as_mut(), &self.stamped, ring, &mut None)
+            }
+            None => sink.offer(self.port.as_mut(), data, ring, shared),
+        };
+        match offered {
             Err(g) => self.gone(g),
             Ok(()) if sink.written > before => self.last_active = Instant::now(),
             Ok(()) => {}

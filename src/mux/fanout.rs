@@ -291,6 +291,13 @@ impl Sink {
     ) -> Result<(), Gone> {
         match &mut self.kind {
             Kind::Queued(q) => {
+                if q.unannounced > 0 {
+                    // Dropping until the loss is announced: the notice must stand where
+                    // the bytes are missing, so nothing later may get in before it.
+                    q.unannounced += data.len() as u64;
+                    self.dropped += data.len() as u64;
+                    return Ok(());
+                }
                 let mut off = 0;
                 if q.queue.payload == 0 {
                     off = write_some(port, data).map_err(Gone::Failed)?;

@@ -34,7 +34,7 @@ use event_manager::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::MuxError;
-use super::backend::file::FilePort;
+use super::backend::file::{FilePort, LineStamper};
 use super::backend::socket::{self, Listener};
 use super::backend::stdio::{StdinPort, StdoutPort};
 use super::endpoint::{Endpoint, Limits, Owner, Role, plan};
@@ -248,13 +248,14 @@ impl Hub {
                     regular: port.is_regular(),
                 };
                 let name = format!("file {}", f.path.display());
-                let ep = Endpoint::new(
+                let mut ep = Endpoint::new(
                     name,
                     Box::new(port),
                     Owner::Backend,
                     plan(role, &self.limits),
                     0,
                 );
+                ep.stamper = f.timestamps.then(LineStamper::new);
                 self.insert(ep);
                 Ok(())
             }

@@ -55,6 +55,7 @@ mod props;
 
 pub use attach::attach;
 pub use backend::BackendError;
+pub use fanout::{CHUNK_COST, NOTICE_MAX};
 pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
 pub use hub::{Hub, HubConfig, Observer, ShutdownSummary};
 pub use listener::{FdBudgetError, check_fd_budget};

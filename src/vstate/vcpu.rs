@@ -169,6 +169,15 @@ pub struct SeccompStart {
     pub gate: Arc<Barrier>,
 }
 
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty. With `seccomp`,
 /// the thread installs the vCPU filter and waits at the gate before its first `KVM_RUN`.
 pub fn spawn(
@@ -185,6 +194,9 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            // Marks the thread done however it ends, a panic included, so that
+            // `stop_and_join` never waits for a thread that is gone.
+            let _done = SetOnDrop(done_thread);
             if let Err(e) = pin_current_thread(&cpus) {
                 crate::mux::term::log_line(&format!(
                     "vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned"
@@ -198,11 +210,11 @@ pub fn spawn(
                 start.gate.wait();
                 if let Err(e) = installed {
                     exit.exit(ExitReason::Error(format!("vCPU {id}: {e}")));
-                    done_thread.store(true, Ordering::SeqCst);
                     return;
                 }
             }
             crate::seccomp::test_violation(ThreadKind::Vcpu);
+            crate::signals::test_panic("vcpu");
             while !stop.is_set() {
                 let action = match vcpu.run() {
                     Ok(exit) => handle_exit(exit, &buses, id),
@@ -218,7 +230,6 @@ pub fn spawn(
                     break;
                 }
             }
-            done_thread.store(true, Ordering::SeqCst);
         })
         .map_err(|source| VcpuError::Spawn { id, source })?;
     Ok(VcpuHandle {

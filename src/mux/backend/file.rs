@@ -35,18 +35,9 @@ pub(crate) struct FilePort {
     size: u64,
     rotate: Option<u64>,
     keep: u32,
-    timestamps: bool,
-    at_line_start: bool,
-    scratch: Vec<u8>,
     /// A regular file (else a FIFO or device, written without blocking).
     regular: bool,
-    /// Timestamped bytes a non-regular file has yet to take.
-    unwritten: Vec<u8>,
 }
-
-/// Bytes of input a non-regular file takes per write (its timestamped copy waits in the
-/// port until the reader takes it: bounded by this).
-const NONREGULAR_CHUNK: usize = 64 << 10;
 
 fn open_append(path: &Path) -> Result<File, BackendError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -105,59 +96,13 @@ impl FilePort {
             size,
             rotate: spec.rotate,
             keep: spec.keep.max(1),
-            timestamps: spec.timestamps,
-            at_line_start: true,
-            scratch: Vec::new(),
             regular,
-            unwritten: Vec::new(),
         })
     }
 
     /// A regular file (the lossless policy), not a FIFO or device.
     pub(crate) fn is_regular(&self) -> bool {
         self.regular
-    }
-
-    /// `buf` with a timestamp at each line start (when asked), appended to `out`.
-    fn stamp(&mut self, buf: &[u8], out: &mut Vec<u8>) {
-        if !self.timestamps {
-            out.extend_from_slice(buf);
-            return;
-        }
-        let stamp = timestamp(SystemTime::now());
-        for &b in buf {
-            if self.at_line_start {
-                out.extend_from_slice(stamp.as_bytes());
-                self.at_line_start = false;
-            }
-            out.push(b);
-            if b == b'\n' {
-                self.at_line_start = true;
-            }
-        }
-    }
-
-    /// Non-regular files: what is left of the last write first, then up to
-    /// [`NONREGULAR_CHUNK`] bytes of `buf`; never blocks.
-    fn write_nonregular(&mut self, buf: &[u8]) -> io::Result<usize> {
-        while !self.unwritten.is_empty() {
-            match self.file.write(&self.unwritten)? {
-                0 => return Err(io::ErrorKind::WouldBlock.into()),
-                n => drop(self.unwritten.drain(..n)),
-            }
-        }
-        let take = buf.len().min(NONREGULAR_CHUNK);
-        let mut out = std::mem::take(&mut self.unwritten);
-        self.stamp(&buf[..take], &mut out);
-        match self.file.write(&out) {
-            Ok(n) => {
-                out.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-        self.unwritten = out;
-        Ok(take)
     }
 
     fn numbered(&self, n: u32) -> PathBuf {
@@ -225,19 +170,13 @@ impl FilePort {
 
 impl Port for FilePort {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !self.regular {
-            return self.write_nonregular(buf);
-        }
-        if !self.timestamps {
+        if self.regular {
             self.write_out(buf)?;
-            return Ok(buf.len());
+            Ok(buf.len())
+        } else {
+            // O_NONBLOCK: what the reader has room for, or WouldBlock.
+            self.file.write(buf)
         }
-        let mut out = std::mem::take(&mut self.scratch);
-        out.clear();
-        self.stamp(buf, &mut out);
-        let r = self.write_out(&out);
-        self.scratch = out;
-        r.map(|()| buf.len())
     }
 
     fn fd(&self) -> Option<RawFd> {
@@ -266,6 +205,36 @@ impl Port for FilePort {
 }
 
 /// `2025-01-02T03:04:05.678Z ` (UTC, milliseconds), computed without a time crate.
+/// `:timestamps`: the UTC time at the start of each line, stamped when the hub takes the
+/// bytes (so a log that waits for its disk still shows when the guest wrote them).
+#[derive(Debug)]
+pub(crate) struct LineStamper {
+    at_line_start: bool,
+}
+
+impl LineStamper {
+    pub(crate) fn new() -> LineStamper {
+        LineStamper {
+            at_line_start: true,
+        }
+    }
+
+    /// `data` with a timestamp before each line's first byte, appended to `out`.
+    pub(crate) fn stamp(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let stamp = timestamp(SystemTime::now());
+        for &b in data {
+            if self.at_line_start {
+                out.extend_from_slice(stamp.as_bytes());
+                self.at_line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.at_line_start = true;
+            }
+        }
+    }
+}
+
 pub(crate) fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
@@ -356,14 +325,11 @@ mod tests {
 
     #[test]
     fn timestamps_at_line_starts_only() {
-        let d = tmpdir("ts");
-        let p = d.join("log");
-        let mut s = spec(p.clone());
-        s.timestamps = true;
-        let mut f = FilePort::open(&s).unwrap();
-        f.write(b"one\ntw").unwrap();
-        f.write(b"o\nthree").unwrap();
-        let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
+        let mut st = LineStamper::new();
+        let mut out = Vec::new();
+        st.stamp(b"one\ntw", &mut out);
+        st.stamp(b"o\nthree", &mut out);
+        let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.split('\n').collect();
         assert_eq!(lines.len(), 3);
         for (l, want) in lines.iter().zip(["one", "two", "three"]) {
@@ -371,7 +337,6 @@ mod tests {
             assert_eq!(&l[25..], want, "{text}");
             assert!(l[..25].ends_with("Z "));
         }
-        let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
