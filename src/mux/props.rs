@@ -194,6 +194,62 @@ proptest! {
         }
     }
 
+    /// A drop-and-count sink (a FIFO log) behind a reader that takes random amounts:
+    /// what it delivers is the stream with gaps, each gap exactly where a notice says
+    /// how many bytes are missing, and the counts add up: nothing is reordered, and no
+    /// loss is silent.
+    #[test]
+    fn drop_and_count_gaps_are_announced_where_they_are(
+        ops in proptest::collection::vec(op(), 1..120),
+        limit in 600usize..3000,
+    ) {
+        let mut hub = Hub::for_test(cfg(), 0);
+        let (fe, _) = mock(64);
+        let mut w = hub.add_frontend("ttyS0", fe).unwrap();
+        let (p, s) = mem(Some(0), 0);
+        let t = hub.add_mem("fifo", p, Some((Policy::DropAndCount, limit)), None);
+        let mut stream = Vec::new();
+        for o in ops {
+            match o {
+                Op::Write(_, d) => {
+                    w.write_all(&d).unwrap();
+                    stream.extend_from_slice(&d);
+                }
+                Op::Pump => hub.pump(),
+                Op::Room(_, n) => {
+                    if let Some(b) = s.lock().unwrap().budget.as_mut() {
+                        *b += n;
+                    }
+                    hub.writable(t);
+                }
+            }
+        }
+        hub.pump();
+        s.lock().unwrap().budget = None;
+        hub.writable(t);
+        let out = s.lock().unwrap().written.clone();
+        // Walk the output: stream bytes, then "\r\n[microvm: N bytes ... dropped here",
+        // which skips N stream bytes.
+        let (mut at, mut pos) = (0usize, 0usize);
+        let mark = b"\r\n[microvm: ";
+        while at < out.len() {
+            if out[at..].starts_with(mark) {
+                let len = out[at + 2..].windows(2).position(|w| w == b"\r\n").unwrap() + 4;
+                let text = String::from_utf8_lossy(&out[at + mark.len()..at + len]).into_owned();
+                let (n, tail) = text.split_once(' ').unwrap();
+                let n: usize = n.parse().unwrap();
+                prop_assert!(tail.starts_with("bytes of console output dropped here"), "{}", text);
+                pos += n;
+                at += len;
+            } else {
+                prop_assert_eq!(out[at], stream[pos], "at output byte {}", at);
+                at += 1;
+                pos += 1;
+            }
+        }
+        prop_assert_eq!(pos, stream.len(), "delivered and announced add up to the stream");
+    }
+
     /// Input from two sources, read in random order in random sizes, into a frontend that
     /// takes 64 bytes at a time: the frontend gets exactly the reads, each whole, in the
     /// order they were read; nothing is dropped although the hub's buffer is small.
