@@ -367,26 +367,13 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        // The grammar is `units`'s (tested there); this is the option's error.
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in [
-            "",
-            "0",
-            "0s",
-            "s",
-            "-1",
-            "1.5s",
-            "3d",
-            "99999999999999999999h",
-        ] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-        for d in ["90s", "1500ms", "5m"] {
-            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
-        }
+        assert_eq!(
+            parse_duration("3d"),
+            Err(ConfigError::BadDuration("3d".into()))
+        );
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]
