@@ -5,10 +5,9 @@
 //! 2 reset. The DSDT's `_S5` package gives SLP_TYP = [`S5_SLEEP_TYPE`].
 
 use super::bus::BusDevice;
+use crate::arch::x86_64::layout::S5_SLEEP_TYPE;
 use crate::exit::{ExitNotifier, ExitReason};
 
-/// The SLP_TYP value the DSDT's `\_S5` object announces.
-pub const S5_SLEEP_TYPE: u8 = 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
 const SLP_EN: u8 = 1 << 5;

@@ -36,14 +36,19 @@ impl Timer {
         self.fd.as_raw_fd()
     }
 
-    /// Fires at `deadline` (or not at all for `None`); a no-op when already so armed.
+    /// Fires at `deadline` at the latest. An earlier wake-up already armed is kept (the
+    /// caller finds nothing due and arms again), so a deadline that keeps moving later
+    /// (an active client's idle deadline) costs no syscall.
     pub(crate) fn arm(&mut self, deadline: Option<Instant>) -> io::Result<()> {
-        if deadline == self.armed {
+        let Some(deadline) = deadline else {
+            return Ok(());
+        };
+        if self.armed.is_some_and(|a| a <= deadline) {
             return Ok(());
         }
-        let delay = deadline.map_or(Duration::ZERO, |d| {
-            d.saturating_duration_since(Instant::now()).max(MIN_DELAY)
-        });
+        let delay = deadline
+            .saturating_duration_since(Instant::now())
+            .max(MIN_DELAY);
         let spec = libc::itimerspec {
             it_interval: libc::timespec {
                 tv_sec: 0,
@@ -60,7 +65,7 @@ impl Timer {
         {
             return Err(io::Error::last_os_error());
         }
-        self.armed = deadline;
+        self.armed = Some(deadline);
         Ok(())
     }
 
@@ -78,7 +83,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fires_once_armed_and_not_when_disarmed() {
+    fn fires_at_the_earliest_deadline_armed() {
         let mut t = Timer::new().unwrap();
         let mut p = libc::pollfd {
             fd: t.fd(),

@@ -21,7 +21,7 @@ use super::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
     ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, IOAPIC_START,
 };
-use crate::devices::acpi_pm::S5_SLEEP_TYPE;
+use super::layout::S5_SLEEP_TYPE;
 use crate::vstate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"MICROV";

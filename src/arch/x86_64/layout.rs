@@ -72,6 +72,9 @@ pub const DEBUG_MMIO_START: u64 = MMIO_GAP_START;
 pub const DEBUG_MMIO_SIZE: u64 = 0x1000;
 /// ACPI hardware-reduced sleep control register (S5 = power off).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// The SLP_TYP value the DSDT's `\_S5` object announces and the ACPI PM device treats as
+/// power off.
+pub const S5_SLEEP_TYPE: u8 = 5;
 /// ACPI hardware-reduced sleep status register.
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 /// ACPI reset register (FADT RESET_REG).
