@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::arch::x86_64::layout::MAX_VCPUS;
-use crate::config::{self, BootSource, Checks, ConfigError, VmConfig};
+use crate::config::{self, BootSource, Checks, ConfigError, DefaultConsole, VmConfig};
+use crate::kernel_probe::{self, KernelConsoles};
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
@@ -78,10 +79,12 @@ pub struct RunArgs {
     /// Initial ramdisk (e.g. a gzip'd cpio).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel parameters appended to the default command line.
+    /// Kernel parameters appended to the default command line. A `console=` here is the
+    /// only console: the default then names none.
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
-    /// Replace the default kernel command line (--cmdline is still appended).
+    /// Replace the default kernel command line: the kernel gets exactly STR (and
+    /// --cmdline, appended), nothing of microvm's (no console=, no virtio_mmio.device=).
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline_replace: Option<String>,
     /// Guest memory: a size with K, M, G or T suffix (plain numbers are MiB).
@@ -149,9 +152,9 @@ pub struct RunArgs {
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
-    /// Print the default kernel command line (the one `--cmdline-replace` replaces, for
-    /// the console set-up given: with or without `--no-virtio-console`) and exit (for
-    /// scripts comparing VMMs).
+    /// Print the kernel command line microvm would boot with and exit (for scripts
+    /// comparing VMMs): the default for the console set-up and `--kernel` given (without
+    /// `--kernel`, the line for a kernel with hvc0 built in), with `--cmdline` appended.
     #[arg(long, hide = true)]
     pub print_default_cmdline: bool,
     /// Boot a flat real-mode image at 0x1000 instead of a kernel (tiny test guests).
@@ -171,11 +174,7 @@ impl RunArgs {
             (None, kernel) => BootSource::Linux {
                 kernel: kernel.clone().unwrap_or_default(),
                 initrd: self.initrd.clone(),
-                cmdline: config::build_cmdline(
-                    self.cmdline_replace.as_deref(),
-                    self.cmdline.as_deref(),
-                    !self.no_virtio_console,
-                ),
+                cmdline: self.cmdline_line(),
                 pvm_guest: self.pvm_guest,
             },
         };
@@ -198,6 +197,32 @@ impl RunArgs {
             checks: self.checks()?,
             seccomp: !self.no_seccomp,
         })
+    }
+
+    /// The kernel command line for these options: `--cmdline-replace` exactly, or the
+    /// default with the console the kernel has when init starts (probed only when the
+    /// choice matters: a virtio console, no replacement and no `console=` of the user's).
+    pub fn cmdline_line(&self) -> String {
+        let virtio = !self.no_virtio_console;
+        let probe_needed = virtio
+            && self.cmdline_replace.is_none()
+            && !self.cmdline.as_deref().is_some_and(config::names_a_console);
+        let console = match (&self.kernel, probe_needed) {
+            (Some(k), true) => match kernel_probe::probe(k) {
+                KernelConsoles::Hvc0AtBoot => DefaultConsole::Hvc0,
+                _ => DefaultConsole::Uart,
+            },
+            // No kernel to look at (--print-default-cmdline alone): the line for a
+            // kernel with hvc0 built in.
+            (None, _) => DefaultConsole::Hvc0,
+            (Some(_), false) => DefaultConsole::Uart,
+        };
+        config::build_cmdline(
+            self.cmdline_replace.as_deref(),
+            self.cmdline.as_deref(),
+            virtio,
+            console,
+        )
     }
 
     fn checks(&self) -> Result<Checks, ConfigError> {

@@ -13,6 +13,7 @@ pub mod console_checks;
 pub mod devices;
 pub mod exit;
 mod fuzz_input;
+pub mod kernel_probe;
 pub mod mux;
 pub mod panic_watch;
 pub mod report;

@@ -23,15 +23,8 @@ fn main() {
         std::process::exit(code);
     }
     if cli.run.print_default_cmdline {
-        // The line `--cmdline-replace` stands in for, for the console set-up asked for.
-        println!(
-            "{}",
-            if cli.run.no_virtio_console {
-                microvm::config::DEFAULT_CMDLINE
-            } else {
-                microvm::config::DEFAULT_CMDLINE_VIRTIO
-            }
-        );
+        // The line microvm boots with for these options (and --kernel, when given).
+        println!("{}", cli.run.cmdline_line());
         return;
     }
     let config = match cli.run.to_config() {

@@ -600,9 +600,11 @@ fn failed_starts_leave_no_file_behind() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-/// `--print-default-cmdline` prints the line microvm would boot with (what
-/// `--cmdline-replace` stands in for): hvc0 as the console by default, the UART alone
-/// with `--no-virtio-console`. Scripts comparing VMMs (`make bench`) rely on it.
+/// `--print-default-cmdline` prints the line microvm would boot with: hvc0 as the console
+/// for a kernel with virtio_console built in (and without `--kernel`), the UART for one
+/// without it (here: garbage, which tells nothing) or with `--no-virtio-console`; a
+/// console in `--cmdline` is the only one; `--cmdline-replace` is exact. Scripts comparing
+/// VMMs (`make bench`) rely on it.
 #[test]
 fn print_default_cmdline_follows_the_console_setup() {
     let with = microvm(&["--print-default-cmdline"]);
@@ -620,4 +622,35 @@ fn print_default_cmdline_follows_the_console_setup() {
         "{}",
         without.stdout
     );
+    let d = tmpdir("printcmdline");
+    let k = d.join("garbage");
+    std::fs::write(&k, vec![0x5a; 4096]).unwrap();
+    let k = k.to_str().unwrap();
+    let unknown = microvm(&["--print-default-cmdline", "--kernel", k]);
+    assert!(
+        unknown.stdout.starts_with("console=ttyS0 ")
+            && unknown
+                .stdout
+                .trim_end()
+                .ends_with(" virtio_mmio.device=4K@0xd0000000:5"),
+        "{}",
+        unknown.stdout
+    );
+    let own = microvm(&[
+        "--print-default-cmdline",
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=hvc0",
+    ]);
+    assert_eq!(own.stdout.matches("console=").count(), 1, "{}", own.stdout);
+    let exact = microvm(&[
+        "--print-default-cmdline",
+        "--cmdline-replace",
+        "a=1",
+        "--cmdline",
+        "b=2",
+    ]);
+    assert_eq!(exact.stdout, "a=1 b=2\n");
+    let _ = std::fs::remove_dir_all(d);
 }
