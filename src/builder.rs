@@ -29,6 +29,7 @@ use crate::devices::virtio::console::{
 };
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
+use crate::ktap::KtapWatch;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
 use crate::seccomp::{Filters, SeccompError};
@@ -204,13 +205,14 @@ impl<W: ConsoleSink> FrontendInput for UartInput<W> {
     }
 }
 
-/// Creates a console hub for `spec`, watched for guest panics and by the run's
-/// `--expect`/`--fail-on` checks.
+/// Creates a console hub for `spec`, watched for guest panics, by the run's
+/// `--expect`/`--fail-on` checks and by the KTAP parser (`--junit`, `--report`).
 fn create_hub(
     spec: &ConsoleSpec,
     consoles: &Consoles,
     exit: &ExitNotifier,
     checks: &ConsoleChecks,
+    ktap: Option<&KtapWatch>,
 ) -> Result<Arc<Mutex<Hub>>, BuildError> {
     let quit = consoles.quit.try_clone().map_err(host_err("eventfd"))?;
     let mut hub = Hub::new(spec, quit)?;
@@ -218,6 +220,9 @@ fn create_hub(
     hub.add_observer(Box::new(move |chunk| watch.observe(chunk)));
     if !checks.is_empty() {
         hub.add_observer(checks.observer());
+    }
+    if let Some(k) = ktap {
+        hub.add_observer(k.observer());
     }
     Ok(Arc::new(Mutex::new(hub)))
 }
@@ -227,15 +232,16 @@ fn create_consoles(
     config: &VmConfig,
     exit: &ExitNotifier,
     checks: &ConsoleChecks,
+    ktap: Option<&KtapWatch>,
 ) -> Result<Consoles, BuildError> {
     let mut consoles = Consoles {
         hubs: Vec::new(),
         quit: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?,
     };
-    let console = create_hub(&config.console, &consoles, exit, checks)?;
+    let console = create_hub(&config.console, &consoles, exit, checks, ktap)?;
     consoles.hubs.push(console);
     if let Some(serial) = &config.serial {
-        let hub = create_hub(serial, &consoles, exit, checks)?;
+        let hub = create_hub(serial, &consoles, exit, checks, ktap)?;
         consoles.hubs.push(hub);
     }
     Ok(consoles)
@@ -459,7 +465,9 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     check_pvm(&config.boot)?;
     // Consoles last: bad input must not leave a socket or log file behind.
     let checks = ConsoleChecks::new(&config.checks.expect, &config.checks.fail_on, exit.clone());
-    let consoles = create_consoles(config, &exit, &checks)?;
+    let ktap =
+        (config.checks.junit.is_some() || config.checks.report.is_some()).then(KtapWatch::new);
+    let consoles = create_consoles(config, &exit, &checks, ktap.as_ref())?;
     let timer = BootTimer::new(started);
     let mut mmio = Bus::new();
     let pio = create_devices(&vm, &exit, &consoles, &timer, &mut mmio)?;
@@ -502,6 +510,8 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
             checks,
             timer,
             timeout: config.checks.timeout,
+            ktap,
+            junit: config.checks.junit.is_some(),
         },
         (vm, mem),
         seccomp,

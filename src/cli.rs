@@ -136,6 +136,12 @@ pub struct RunArgs {
     /// boot time, bytes per console device and backend, socket clients).
     #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
     pub report: Option<PathBuf>,
+    /// Read KTAP/TAP test results (kselftest, KUnit) from the console and write them to
+    /// FILE as JUnit XML at exit (for GitHub, GitLab, Jenkins). A test that failed or
+    /// never reported, or no test result at all, then fails the run with status 122
+    /// (a guest exit code, panic, timeout or --fail-on keeps its own status).
+    #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
+    pub junit: Option<PathBuf>,
     /// Console lines printed on stderr when the guest's run fails (0: none).
     #[arg(
         long,
@@ -229,7 +235,10 @@ impl RunArgs {
         config::check_patterns("expect", &self.expect)?;
         config::check_patterns("fail-on", &self.fail_on)?;
         if let Some(r) = &self.report {
-            config::check_report_path(r)?;
+            config::check_output_path("report", r)?;
+        }
+        if let Some(j) = &self.junit {
+            config::check_output_path("junit", j)?;
         }
         Ok(Checks {
             expect: self.expect.clone(),
@@ -241,6 +250,7 @@ impl RunArgs {
                 .transpose()?,
             boot_timer: self.boot_timer,
             report: self.report.clone(),
+            junit: self.junit.clone(),
             tail_lines: self.tail_lines,
         })
     }

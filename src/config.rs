@@ -92,9 +92,11 @@ pub enum ConfigError {
     /// An empty `--expect` or `--fail-on` pattern (it would match at once).
     #[error("--{0} '': empty pattern; give the text to look for on the console")]
     EmptyPattern(&'static str),
-    /// `--report FILE` cannot be written where asked.
-    #[error("--report {path}: {why}")]
-    BadReportPath {
+    /// `--report FILE` or `--junit FILE` cannot be written where asked.
+    #[error("--{option} {path}: {why}")]
+    BadOutputPath {
+        /// `report` or `junit`.
+        option: &'static str,
         /// What the user gave.
         path: String,
         /// What is wrong with it.
@@ -171,6 +173,9 @@ pub struct Checks {
     pub boot_timer: bool,
     /// Write a JSON summary here at exit.
     pub report: Option<PathBuf>,
+    /// Write the console's KTAP/TAP results here as JUnit XML at exit; a failed or
+    /// unreported test (or none at all) then fails the run (status 122).
+    pub junit: Option<PathBuf>,
     /// Console lines shown on stderr when the guest's run fails.
     pub tail_lines: usize,
 }
@@ -216,10 +221,11 @@ pub fn check_patterns(option: &'static str, patterns: &[String]) -> Result<(), C
     Ok(())
 }
 
-/// Checks that `--report FILE` can be created: its directory exists and it is not a
+/// Checks that `--{option} FILE` can be created: its directory exists and it is not a
 /// directory itself. Nothing is written until the VM ends.
-pub fn check_report_path(path: &Path) -> Result<(), ConfigError> {
-    let bad = |why: String| ConfigError::BadReportPath {
+pub fn check_output_path(option: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let bad = |why: String| ConfigError::BadOutputPath {
+        option,
         path: path.display().to_string(),
         why,
     };
@@ -466,10 +472,10 @@ mod tests {
             e.to_string(),
             "--fail-on '': empty pattern; give the text to look for on the console"
         );
-        assert!(check_report_path(Path::new("r.json")).is_ok());
-        let e = check_report_path(Path::new("/nonexistent-dir/r.json")).unwrap_err();
+        assert!(check_output_path("report", Path::new("r.json")).is_ok());
+        let e = check_output_path("report", Path::new("/nonexistent-dir/r.json")).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
-        assert!(check_report_path(Path::new("/tmp")).is_err());
+        assert!(check_output_path("report", Path::new("/tmp")).is_err());
     }
 
     #[test]

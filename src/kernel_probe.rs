@@ -127,10 +127,7 @@ fn scan_compressed(payload: &[u8]) -> io::Result<Option<bool>> {
 /// the previous chunk so that a name split between two chunks is still found.
 fn scan(mut r: impl Read) -> io::Result<bool> {
     let keep = NEEDLES.iter().map(|n| n.len()).max().unwrap_or(1) - 1;
-    let finders: Vec<_> = NEEDLES
-        .iter()
-        .map(memchr::memmem::Finder::new)
-        .collect();
+    let finders: Vec<_> = NEEDLES.iter().map(memchr::memmem::Finder::new).collect();
     let mut found = [false; NEEDLES.len()];
     let mut buf = vec![0u8; keep + CHUNK];
     let mut have = 0;

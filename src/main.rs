@@ -73,6 +73,7 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
     if !outcome.reason.is_guest_failure() || n == 0 {
         return;
     }
+    show_failed_tests(outcome);
     for (i, (_, history)) in outcome.consoles.iter().enumerate() {
         let lines = report::tail_lines(history, n);
         if lines.is_empty() {
@@ -86,11 +87,46 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
     }
 }
 
-/// Writes the `--report` (if asked) and exits with `code`.
+/// With `--junit`, the tests that failed or never reported (at most 20) on stderr.
+fn show_failed_tests(outcome: &Outcome) {
+    use microvm::ktap::Outcome as T;
+    let Some(tests) = &outcome.tests else { return };
+    let failed: Vec<String> = tests
+        .suites
+        .iter()
+        .flat_map(|s| s.cases.iter().map(move |c| (s, c)))
+        .filter_map(|(s, c)| match &c.outcome {
+            T::Fail(_) => Some(format!("not ok: {}: {}", s.name, c.name)),
+            T::Error(m) => Some(format!("error: {}: {} ({m})", s.name, c.name)),
+            _ => None,
+        })
+        .collect();
+    for f in failed.iter().take(20) {
+        eprintln!("microvm: {}", one_line(f));
+    }
+    if failed.len() > 20 {
+        eprintln!("microvm: ... and {} more failed tests", failed.len() - 20);
+    }
+}
+
+/// Writes the `--junit` file and the `--report` (if asked) and exits with `code`.
 fn finish(checks: &Checks, reason: &ExitReason, code: i32, outcome: Option<&Outcome>) -> ! {
+    let mut code = code;
+    if let Some(path) = &checks.junit {
+        let empty = microvm::ktap::Results::default();
+        let tests = outcome.and_then(|o| o.tests.as_ref()).unwrap_or(&empty);
+        let secs = outcome.map_or(0.0, |o| o.wall_time.as_secs_f64());
+        let xml = microvm::junit::render(tests, "microvm", secs);
+        if let Err(e) = report::write_atomic("junit", path, &xml) {
+            eprintln!("microvm: {}", one_line(&e.to_string()));
+            if code == 0 {
+                code = EXIT_RUNTIME_ERROR;
+            }
+        }
+    }
     if let Some(path) = &checks.report {
         let text = report::render(checks, reason, code, outcome);
-        if let Err(e) = report::write_atomic(path, &text) {
+        if let Err(e) = report::write_atomic("report", path, &text) {
             eprintln!("microvm: {}", one_line(&e.to_string()));
             if code == 0 {
                 std::process::exit(EXIT_RUNTIME_ERROR);
