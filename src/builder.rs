@@ -76,6 +76,9 @@ pub enum BuildError {
     /// The seccomp filters could not be built or their SIGSYS handler installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// `--send-after` could not be set up.
+    #[error(transparent)]
+    SendAfter(#[from] crate::send_after::SendAfterError),
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -468,6 +471,10 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let ktap =
         (config.checks.junit.is_some() || config.checks.report.is_some()).then(KtapWatch::new);
     let consoles = create_consoles(config, &exit, &checks, ktap.as_ref())?;
+    if let Some(hub) = consoles.hubs.first() {
+        let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
+        crate::send_after::attach(&mut hub, &config.checks.send_after)?;
+    }
     let timer = BootTimer::new(started);
     let mut mmio = Bus::new();
     let pio = create_devices(&vm, &exit, &consoles, &timer, &mut mmio)?;

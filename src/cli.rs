@@ -142,6 +142,19 @@ pub struct RunArgs {
     /// (a guest exit code, panic, timeout or --fail-on keeps its own status).
     #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
     pub junit: Option<PathBuf>,
+    /// Type TEXT into the guest once PATTERN has appeared on the console (repeatable: the
+    /// steps run in order, each pattern looked for after the previous one's match). TEXT
+    /// takes escapes: \n \r \t \e (Escape) \\ \xHH \cX (Ctrl-X), e.g.
+    /// --send-after 'login: ' 'root\n' --send-after 'Password: ' 'secret\n'.
+    #[arg(
+        long,
+        num_args = 2,
+        value_names = ["PATTERN", "TEXT"],
+        action = clap::ArgAction::Append,
+        allow_hyphen_values = true,
+        help_heading = "Test guests (CI)"
+    )]
+    pub send_after: Vec<String>,
     /// Console lines printed on stderr when the guest's run fails (0: none).
     #[arg(
         long,
@@ -251,6 +264,7 @@ impl RunArgs {
             boot_timer: self.boot_timer,
             report: self.report.clone(),
             junit: self.junit.clone(),
+            send_after: crate::send_after::parse_steps(&self.send_after)?,
             tail_lines: self.tail_lines,
         })
     }

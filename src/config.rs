@@ -102,6 +102,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// A bad `--send-after` step.
+    #[error(transparent)]
+    SendAfter(#[from] crate::send_after::SendAfterError),
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -173,6 +176,8 @@ pub struct Checks {
     pub boot_timer: bool,
     /// Write a JSON summary here at exit.
     pub report: Option<PathBuf>,
+    /// `--send-after`: texts typed into the guest once their patterns appeared.
+    pub send_after: Vec<crate::send_after::Step>,
     /// Write the console's KTAP/TAP results here as JUnit XML at exit; a failed or
     /// unreported test (or none at all) then fails the run (status 122).
     pub junit: Option<PathBuf>,

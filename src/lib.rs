@@ -20,5 +20,6 @@ pub mod mux;
 pub mod panic_watch;
 pub mod report;
 pub mod seccomp;
+pub mod send_after;
 pub mod vmm;
 pub mod vstate;

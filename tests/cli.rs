@@ -654,3 +654,54 @@ fn print_default_cmdline_follows_the_console_setup() {
     assert_eq!(exact.stdout, "a=1 b=2\n");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// Bad `--send-after` values: an empty pattern, an unknown escape, a missing TEXT, too
+/// much text; each a usage error in one line naming the step.
+#[test]
+fn bad_send_after_steps_are_usage_errors() {
+    let k = "/nonexistent-kernel";
+    let o = microvm(&["--kernel", k, "--send-after", "", "x"]);
+    assert_error(&o, 2, "--send-after '' ...: empty pattern");
+    let o = microvm(&["--kernel", k, "--send-after", "login: ", r"root\q"]);
+    assert_error(
+        &o,
+        2,
+        r#"--send-after "login: " "root\\q": unknown escape \q"#,
+    );
+    let o = microvm(&["--kernel", k, "--send-after", "login: "]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let big = "x".repeat(40 << 10);
+    let o = microvm(&[
+        "--kernel",
+        k,
+        "--send-after",
+        "a",
+        &big,
+        "--send-after",
+        "b",
+        &big,
+    ]);
+    assert_error(
+        &o,
+        2,
+        "--send-after: 81920 bytes of text in all; at most 65536",
+    );
+}
+
+/// `--junit` in a missing directory or naming a directory: a usage error at start.
+#[test]
+fn junit_path_is_checked_at_start() {
+    let o = microvm(&[
+        "--kernel",
+        "/nonexistent-kernel",
+        "--junit",
+        "/nonexistent-dir/j.xml",
+    ]);
+    assert_error(
+        &o,
+        2,
+        "--junit /nonexistent-dir/j.xml: directory /nonexistent-dir does not exist",
+    );
+    let o = microvm(&["--kernel", "/nonexistent-kernel", "--junit", "/tmp"]);
+    assert_error(&o, 2, "--junit /tmp: is a directory");
+}

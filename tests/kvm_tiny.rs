@@ -1241,3 +1241,40 @@ fn junit_error_case_for_a_guest_that_panics_mid_test() {
     assert!(xml.contains("running second"), "{xml}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+// ---- --send-after: scripted input --------------------------------------------------------
+
+#[test]
+fn send_after_types_each_text_once_its_pattern_appeared() {
+    let d = scratch("send-after");
+    let report = d.join("report.json");
+    // The guest prints a prompt, then echoes what it gets until 'q'.
+    let r = run_with(
+        "send-after",
+        &print_then("login: ", &echo_guest()),
+        b"",
+        &[
+            "--send-after",
+            "login: ",
+            r"root\n",
+            "--send-after",
+            "root",
+            r"\x41\cdq",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, b"login: root\nA\x04q");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let source = j["consoles"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "send-after")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(source["bytes_in"], 8, "{j}");
+    std::fs::remove_dir_all(d).unwrap();
+}

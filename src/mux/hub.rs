@@ -362,6 +362,8 @@ enum Kind {
         listener: usize,
         id: u64,
     },
+    /// An input-only source inside microvm ([`Hub::add_input_source`], `--send-after`).
+    Source,
     #[cfg(test)]
     Mem,
 }
@@ -788,6 +790,28 @@ impl Hub {
             let _ = self.shared.wake.write(1);
         }
         Ok(self.writer())
+    }
+
+    /// An input-only source inside microvm (`--send-after`): what is written to the other
+    /// end of `stream` (one end of a socketpair) reaches the guest like a socket client's
+    /// input: each read whole, in arrival order, through the same bounded input buffer.
+    /// It shows in [`Hub::stats`] as a backend named `name` (its bytes as `bytes_in`) and
+    /// goes away quietly when the other end is closed. `stream` must be non-blocking.
+    pub fn add_input_source(&mut self, name: &str, stream: std::os::unix::net::UnixStream) {
+        let t = self.alloc_token();
+        let mut ep = Endpoint::new(
+            name.into(),
+            Box::new(socket::Stream::Unix(stream)),
+            Kind::Source,
+        );
+        ep.input = Some(InState {
+            mode: InMode::Plain,
+            eof: false,
+        });
+        self.endpoints.insert(t, ep);
+        if self.initialized {
+            let _ = self.shared.wake.write(1);
+        }
     }
 
     /// Another writer on the same output stream (e.g. for VMM messages).
