@@ -68,6 +68,35 @@ pub enum Command {
         #[arg(long)]
         read_only: bool,
     },
+    /// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
+    /// program, its shared libraries, busybox, --include'd files, the console's modules
+    /// from --modules), runs PROGRAM ARGS as the guest's workload with its output on the
+    /// console, and exits with its exit status.
+    #[command(
+        after_help = "Example:\n  microvm run --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) -- /bin/uname -a"
+    )]
+    Run(Box<RunCommand>),
+}
+
+/// `microvm run`'s options.
+#[derive(Debug, Args)]
+pub struct RunCommand {
+    /// VM options (as for booting a VM; --initrd is not taken: the initramfs is built).
+    #[command(flatten)]
+    pub vm: RunArgs,
+    /// A host file or directory to put into the guest at its own path (repeatable);
+    /// executables among them bring their shared libraries.
+    #[arg(long, value_name = "PATH")]
+    pub include: Vec<PathBuf>,
+    /// Kernel modules (a /lib/modules/VERSION tree or a flat directory of .ko files):
+    /// when the kernel has no virtio console built in, virtio_mmio and virtio_console
+    /// and their dependencies are loaded from here, so the program's output goes through
+    /// the fast hvc0 instead of the UART.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// The program (a path, or a name looked up in PATH) and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub program: Vec<String>,
 }
 
 /// Options for booting a VM.

@@ -107,20 +107,44 @@ fn bzimage_payload(head: &[u8]) -> Option<(u64, u64)> {
     Some((offset, u64::from(u32_at(0x24c)?)))
 }
 
-/// Decompresses `payload` by its magic and scans it; `None` for formats not handled.
-fn scan_compressed(payload: &[u8]) -> io::Result<Option<bool>> {
-    match payload {
-        [0x1f, 0x8b, ..] => scan(flate2::read::GzDecoder::new(payload)).map(Some),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
-            let d = ruzstd::decoding::StreamingDecoder::new(payload)
-                .map_err(|e| io::Error::other(format!("zstd: {e}")))?;
-            scan(d).map(Some)
-        }
+/// A decompressing reader over `payload`, by its magic; `None` for formats not handled.
+fn decoder(payload: &[u8]) -> io::Result<Option<Box<dyn Read + '_>>> {
+    Ok(match payload {
+        [0x1f, 0x8b, ..] => Some(Box::new(flate2::read::GzDecoder::new(payload))),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Box::new(
+            ruzstd::decoding::StreamingDecoder::new(payload)
+                .map_err(|e| io::Error::other(format!("zstd: {e}")))?,
+        )),
         [a, b, c, d, ..] if u32::from_le_bytes([*a, *b, *c, *d]) == LZ4_LEGACY_MAGIC => {
-            scan(Lz4Legacy::new(payload)).map(Some)
+            Some(Box::new(Lz4Legacy::new(payload)))
         }
-        _ => Ok(None),
-    }
+        _ => None,
+    })
+}
+
+/// Decompresses `payload` and scans it; `None` for formats not handled.
+fn scan_compressed(payload: &[u8]) -> io::Result<Option<bool>> {
+    decoder(payload)?.map(scan).transpose()
+}
+
+/// The ELF vmlinux inside the bzImage at `path` (gzip, LZ4 or zstd payloads), as
+/// scripts/extract-vmlinux gives it; `None` for other compressions.
+pub fn extract_vmlinux(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let mut f = File::open(path)?;
+    let mut head = [0u8; 0x250];
+    let n = read_full(&mut f, &mut head)?;
+    let Some((offset, len)) = bzimage_payload(&head[..n]) else {
+        return Ok(None);
+    };
+    f.seek(SeekFrom::Start(offset))?;
+    let mut payload = Vec::new();
+    f.take(len).read_to_end(&mut payload)?;
+    let Some(mut d) = decoder(&payload)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    d.read_to_end(&mut out)?;
+    Ok(Some(out))
 }
 
 /// True when every needle occurs in the stream. Reads in chunks, keeping the tail of
@@ -287,6 +311,12 @@ mod tests {
             };
             // The names only after the payload (the trailer) must not count.
             assert_eq!(probe_bytes(&bzimage(&gzip(&image(with)))), want);
+            let dir = std::env::temp_dir().join(format!("mvextract-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let k = dir.join(format!("k{with}"));
+            std::fs::write(&k, bzimage(&lz4_legacy(&image(with)))).unwrap();
+            assert_eq!(extract_vmlinux(&k).unwrap(), Some(image(with)));
+            std::fs::remove_dir_all(&dir).unwrap();
             assert_eq!(probe_bytes(&bzimage(&lz4_legacy(&image(with)))), want);
         }
     }

@@ -15,12 +15,29 @@ use microvm::vmm::Outcome;
 fn main() {
     let started = Instant::now();
     let cli = Cli::parse();
-    if let Some(Command::Attach { socket, read_only }) = cli.command {
-        let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
-            EXIT_RUNTIME_ERROR
-        });
-        std::process::exit(code);
+    match cli.command {
+        Some(Command::Attach { socket, read_only }) => {
+            let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
+                eprintln!("microvm: {}", one_line(&e.to_string()));
+                EXIT_RUNTIME_ERROR
+            });
+            std::process::exit(code);
+        }
+        Some(Command::Run(run)) => match microvm::run_program::prepare(&run) {
+            // The memfd holding the initramfs stays open until the process exits.
+            Ok((config, _initramfs)) => boot(&config, started),
+            Err(e) => {
+                eprintln!("microvm: {}", one_line(&e.to_string()));
+                let code = if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_RUNTIME_ERROR
+                };
+                let checks = run.vm.to_config().map(|c| c.checks).unwrap_or_default();
+                finish(&checks, &ExitReason::Error(e.to_string()), code, None);
+            }
+        },
+        None => {}
     }
     if cli.run.print_default_cmdline {
         // The line microvm boots with for these options (and --kernel, when given).
@@ -34,7 +51,12 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    let vmm = match microvm::builder::build(&config, started) {
+    boot(&config, started);
+}
+
+/// Builds and runs the VM, reports, and exits with the run's status.
+fn boot(config: &VmConfig, started: Instant) -> ! {
+    let vmm = match microvm::builder::build(config, started) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("microvm: {}", one_line(&e.to_string()));
@@ -52,7 +74,7 @@ fn main() {
     if code != 0 {
         eprintln!("microvm: {}", one_line(&outcome.reason.to_string()));
     }
-    show_outcome(&config, &outcome);
+    show_outcome(config, &outcome);
     finish(&config.checks, &outcome.reason, code, Some(&outcome));
 }
 

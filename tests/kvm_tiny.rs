@@ -1278,3 +1278,44 @@ fn send_after_types_each_text_once_its_pattern_appeared() {
     assert_eq!(source["bytes_in"], 8, "{j}");
     std::fs::remove_dir_all(d).unwrap();
 }
+
+// ---- the PVM host refusal ------------------------------------------------------------------
+
+/// On a PVM host (this project's machines: `/sys/module/kvm_pvm`), an ordinary kernel
+/// (the reference guest's Debian kernel, `make guest`) is refused in one line that says
+/// why and what to do, instead of hanging; on any other host it is not refused.
+#[test]
+fn an_ordinary_kernel_on_a_pvm_host_is_refused_in_one_line() {
+    let kernel = junit_xsd().with_file_name("guest").join("vmlinuz");
+    assert!(
+        kernel.exists(),
+        "{} missing: run make guest",
+        kernel.display()
+    );
+    let out = Command::new(MICROVM)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--timeout", "5s", "--tail-lines", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "microvm: this host's KVM is PVM (kvm_pvm), which boots only PVM guest kernels, and {} is an ordinary kernel that would hang;",
+                kernel.display()
+            )) && stderr.contains("--pvm-guest"),
+            "{stderr}"
+        );
+    } else {
+        assert_ne!(
+            out.status.code(),
+            Some(1),
+            "refused on a non-PVM host: {stderr}"
+        );
+        assert!(!stderr.contains("is PVM"), "{stderr}");
+    }
+}
