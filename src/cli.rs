@@ -29,10 +29,17 @@ and microvm exits with status N, after flushing every console backend; write one
 0xc0000001 (or port 0xf5) when init is reached, for --boot-timer. From busybox:
   devmem 0xc0000001 8 1; ...; devmem 0xc0000000 8 $status
 
+  Kernel tests: KTAP/TAP on the console (kselftest, KUnit) to JUnit XML, failing on a
+  failed test; scripted input at a login prompt; a host program in a fresh kernel:
+    microvm --kernel bzImage --cmdline kunit_shutdown=poweroff --junit results.xml
+    microvm --kernel bzImage --initrd distro.gz --send-after 'login: ' 'root\n'
+    microvm run --kernel bzImage --modules /lib/modules/VERSION -- ./my-test arg
+
 Exit status: 0 guest powered off or rebooted, every --expect pattern appeared, or
-Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to its exit-code register; 121 the
-guest stopped before every --expect pattern appeared; 123 a --fail-on pattern appeared;
-124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
+Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to its exit-code register
+(microvm run: the program's status); 121 the guest stopped before every --expect pattern
+appeared; 122 with --junit, a test failed or none reported; 123 a --fail-on pattern
+appeared; 124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
 
 fn after_help() -> String {
     format!("{EXAMPLES}\n\n{CONSOLE_SPEC_HELP}")
