@@ -27,14 +27,8 @@ fn main() {
             // The memfd holding the initramfs stays open until the process exits.
             Ok((config, _initramfs)) => boot(&config, started),
             Err(e) => {
-                eprintln!("microvm: {}", one_line(&e.to_string()));
-                let code = if e.is_usage() {
-                    EXIT_USAGE
-                } else {
-                    EXIT_RUNTIME_ERROR
-                };
                 let checks = run.vm.to_config().map(|c| c.checks).unwrap_or_default();
-                finish(&checks, &ExitReason::Error(e.to_string()), code, None);
+                refuse_start(&checks, &e.to_string(), e.is_usage());
             }
         },
         None => {}
@@ -54,20 +48,23 @@ fn main() {
     boot(&config, started);
 }
 
+/// The VM could not start: one line on stderr, the report (if asked), exit 2 for a usage
+/// error and 1 for another.
+fn refuse_start(checks: &Checks, msg: &str, usage: bool) -> ! {
+    eprintln!("microvm: {}", one_line(msg));
+    let code = if usage {
+        EXIT_USAGE
+    } else {
+        EXIT_RUNTIME_ERROR
+    };
+    finish(checks, &ExitReason::Error(msg.to_string()), code, None);
+}
+
 /// Builds and runs the VM, reports, and exits with the run's status.
 fn boot(config: &VmConfig, started: Instant) -> ! {
     let vmm = match microvm::builder::build(config, started) {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("microvm: {}", one_line(&e.to_string()));
-            let code = if e.is_usage() {
-                EXIT_USAGE
-            } else {
-                EXIT_RUNTIME_ERROR
-            };
-            let reason = ExitReason::Error(e.to_string());
-            finish(&config.checks, &reason, code, None);
-        }
+        Err(e) => refuse_start(&config.checks, &e.to_string(), e.is_usage()),
     };
     let outcome = vmm.run();
     let code = outcome.reason.exit_code();
