@@ -176,6 +176,8 @@ fn tap14_subtests_without_headers_and_bail_out() {
 fn lines_before_any_header_and_odd_lines_are_ignored() {
     let r = run("ok 1 not a test\nnot ok 2 neither\n", "poweroff", true);
     assert!(r.suites.is_empty());
+    let r = run("driver: TAP version 13\n1..1\nok 1 x\n", "poweroff", true);
+    assert!(r.suites.is_empty(), "{r:#?}");
     let r = run("TAP version 13\n1..1\nokay\nok1\nok 1 - real\n", "x", true);
     assert_eq!(r.counts().tests, 1);
     assert_eq!(strip_timestamp("[    1.5] x"), "x");
