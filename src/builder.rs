@@ -28,6 +28,7 @@ use crate::devices::virtio::console::{
 };
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
+use crate::ktap::KtapWatch;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
 use crate::seccomp::{Filters, SeccompError};
@@ -77,6 +78,9 @@ pub enum BuildError {
     /// The seccomp filters could not be built or their SIGSYS handler installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// `--send-after` could not be set up.
+    #[error(transparent)]
+    SendAfter(#[from] crate::send_after::SendAfterError),
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -182,13 +186,14 @@ fn load_guest(
     }
 }
 
-/// Creates a console hub for `spec`, watched for guest panics and by the run's
-/// `--expect`/`--fail-on` checks.
+/// Creates a console hub for `spec`, watched for guest panics, by the run's
+/// `--expect`/`--fail-on` checks and by the KTAP parser (`--junit`, `--report`).
 fn create_hub(
     spec: &ConsoleSpec,
     consoles: &Consoles,
     exit: &ExitNotifier,
     checks: &ConsoleChecks,
+    ktap: Option<&KtapWatch>,
 ) -> Result<Arc<Mutex<Hub>>, BuildError> {
     let quit = consoles.quit.try_clone().map_err(host_err("eventfd"))?;
     let mut hub = Hub::new(spec, quit)?;
@@ -196,6 +201,9 @@ fn create_hub(
     hub.add_observer(Box::new(move |chunk| watch.observe(chunk)));
     if !checks.is_empty() {
         hub.add_observer(checks.observer());
+    }
+    if let Some(k) = ktap {
+        hub.add_observer(k.observer());
     }
     Ok(Arc::new(Mutex::new(hub)))
 }
@@ -205,6 +213,7 @@ fn create_consoles(
     config: &VmConfig,
     exit: &ExitNotifier,
     checks: &ConsoleChecks,
+    ktap: Option<&KtapWatch>,
 ) -> Result<Consoles, BuildError> {
     // Every socket client needs a file descriptor: check the limit before any exists.
     let clients =
@@ -214,10 +223,10 @@ fn create_consoles(
         hubs: Vec::new(),
         quit: EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?,
     };
-    let console = create_hub(&config.console, &consoles, exit, checks)?;
+    let console = create_hub(&config.console, &consoles, exit, checks, ktap)?;
     consoles.hubs.push(console);
     if let Some(serial) = &config.serial {
-        let hub = create_hub(serial, &consoles, exit, checks)?;
+        let hub = create_hub(serial, &consoles, exit, checks, ktap)?;
         consoles.hubs.push(hub);
     }
     Ok(consoles)
@@ -465,7 +474,13 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     check_pvm(&config.boot)?;
     // Consoles last: bad input must not leave a socket or log file behind.
     let checks = ConsoleChecks::new(&config.checks.expect, &config.checks.fail_on, exit.clone());
-    let consoles = create_consoles(config, &exit, &checks)?;
+    let ktap =
+        (config.checks.junit.is_some() || config.checks.report.is_some()).then(KtapWatch::new);
+    let consoles = create_consoles(config, &exit, &checks, ktap.as_ref())?;
+    if let Some(hub) = consoles.hubs.first() {
+        let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
+        crate::send_after::attach(&mut hub, &config.checks.send_after)?;
+    }
     let timer = BootTimer::new(started);
     let mut mmio = Bus::new();
     let pio = create_devices(&vm, &exit, &consoles, &timer, &mut mmio)?;
@@ -507,6 +522,8 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
             checks,
             timer,
             timeout: config.checks.timeout,
+            ktap,
+            junit: config.checks.junit.is_some(),
         },
         (vm, mem),
         seccomp,

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::arch::x86_64::layout::MAX_VCPUS;
-use crate::config::{self, BootSource, Checks, ConfigError, VmConfig};
+use crate::config::{self, BootSource, Checks, ConfigError, DefaultConsole, VmConfig};
+use crate::kernel_probe::{self, KernelConsoles};
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
@@ -28,10 +29,17 @@ and microvm exits with status N, after flushing every console backend; write one
 0xc0000001 (or port 0xf5) when init is reached, for --boot-timer. From busybox:
   devmem 0xc0000001 8 1; ...; devmem 0xc0000000 8 $status
 
+  Kernel tests: KTAP/TAP on the console (kselftest, KUnit) to JUnit XML, failing on a
+  failed test; scripted input at a login prompt; a host program in a fresh kernel:
+    microvm --kernel bzImage --cmdline kunit_shutdown=poweroff --junit results.xml
+    microvm --kernel bzImage --initrd distro.gz --send-after 'login: ' 'root\n'
+    microvm run --kernel bzImage --modules /lib/modules/VERSION -- ./my-test arg
+
 Exit status: 0 guest powered off or rebooted, every --expect pattern appeared, or
-Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to its exit-code register; 121 the
-guest stopped before every --expect pattern appeared; 123 a --fail-on pattern appeared;
-124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
+Ctrl-A x; 1 runtime error; 2 usage error; N the guest wrote N to its exit-code register
+(microvm run: the program's status); 121 the guest stopped before every --expect pattern
+appeared; 122 with --junit, a test failed or none reported; 123 a --fail-on pattern
+appeared; 124 --timeout expired; 125 guest kernel panic; 128+N stopped by signal N.";
 
 fn after_help() -> String {
     format!("{EXAMPLES}\n\n{CONSOLE_SPEC_HELP}")
@@ -67,6 +75,35 @@ pub enum Command {
         #[arg(long)]
         read_only: bool,
     },
+    /// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
+    /// program, its shared libraries, busybox, --include'd files, the console's modules
+    /// from --modules), runs PROGRAM ARGS as the guest's workload with its output on the
+    /// console, and exits with its exit status.
+    #[command(
+        after_help = "Example:\n  microvm run --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) -- /bin/uname -a"
+    )]
+    Run(Box<RunCommand>),
+}
+
+/// `microvm run`'s options.
+#[derive(Debug, Args)]
+pub struct RunCommand {
+    /// VM options (as for booting a VM; --initrd is not taken: the initramfs is built).
+    #[command(flatten)]
+    pub vm: RunArgs,
+    /// A host file or directory to put into the guest at its own path (repeatable);
+    /// executables among them bring their shared libraries.
+    #[arg(long, value_name = "PATH")]
+    pub include: Vec<PathBuf>,
+    /// Kernel modules (a /lib/modules/VERSION tree or a flat directory of .ko files):
+    /// when the kernel has no virtio console built in, virtio_mmio and virtio_console
+    /// and their dependencies are loaded from here, so the program's output goes through
+    /// the fast hvc0 instead of the UART.
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// The program (a path, or a name looked up in PATH) and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub program: Vec<String>,
 }
 
 /// Options for booting a VM.
@@ -78,10 +115,12 @@ pub struct RunArgs {
     /// Initial ramdisk (e.g. a gzip'd cpio).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel parameters appended to the default command line.
+    /// Kernel parameters appended to the default command line. A `console=` here is the
+    /// only console: the default then names none.
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
-    /// Replace the default kernel command line (--cmdline is still appended).
+    /// Replace the default kernel command line: the kernel gets exactly STR (and
+    /// --cmdline, appended), nothing of microvm's (no console=, no virtio_mmio.device=).
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline_replace: Option<String>,
     /// Guest memory: a size with K, M, G or T suffix (plain numbers are MiB).
@@ -133,6 +172,25 @@ pub struct RunArgs {
     /// boot time, bytes per console device and backend, socket clients).
     #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
     pub report: Option<PathBuf>,
+    /// Read KTAP/TAP test results (kselftest, KUnit) from the console and write them to
+    /// FILE as JUnit XML at exit (for GitHub, GitLab, Jenkins). A test that failed or
+    /// never reported, or no test result at all, then fails the run with status 122
+    /// (a guest exit code, panic, timeout or --fail-on keeps its own status).
+    #[arg(long, value_name = "FILE", help_heading = "Test guests (CI)")]
+    pub junit: Option<PathBuf>,
+    /// Type TEXT into the guest once PATTERN has appeared on the console (repeatable: the
+    /// steps run in order, each pattern looked for after the previous one's match). TEXT
+    /// takes escapes: \n \r \t \e (Escape) \\ \xHH \cX (Ctrl-X), e.g.
+    /// --send-after 'login: ' 'root\n' --send-after 'Password: ' 'secret\n'.
+    #[arg(
+        long,
+        num_args = 2,
+        value_names = ["PATTERN", "TEXT"],
+        action = clap::ArgAction::Append,
+        allow_hyphen_values = true,
+        help_heading = "Test guests (CI)"
+    )]
+    pub send_after: Vec<String>,
     /// Console lines printed on stderr when the guest's run fails (0: none).
     #[arg(
         long,
@@ -149,9 +207,9 @@ pub struct RunArgs {
     /// The kernel is a PVM guest kernel (CONFIG_PVM_GUEST): allow booting it on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
-    /// Print the default kernel command line (the one `--cmdline-replace` replaces, for
-    /// the console set-up given: with or without `--no-virtio-console`) and exit (for
-    /// scripts comparing VMMs).
+    /// Print the kernel command line microvm would boot with and exit (for scripts
+    /// comparing VMMs): the default for the console set-up and `--kernel` given (without
+    /// `--kernel`, the line for a kernel with hvc0 built in), with `--cmdline` appended.
     #[arg(long, hide = true)]
     pub print_default_cmdline: bool,
     /// Boot a flat real-mode image at 0x1000 instead of a kernel (tiny test guests).
@@ -171,11 +229,7 @@ impl RunArgs {
             (None, kernel) => BootSource::Linux {
                 kernel: kernel.clone().unwrap_or_default(),
                 initrd: self.initrd.clone(),
-                cmdline: config::build_cmdline(
-                    self.cmdline_replace.as_deref(),
-                    self.cmdline.as_deref(),
-                    !self.no_virtio_console,
-                ),
+                cmdline: self.cmdline_line(),
                 pvm_guest: self.pvm_guest,
             },
         };
@@ -203,11 +257,40 @@ impl RunArgs {
         })
     }
 
+    /// The kernel command line for these options: `--cmdline-replace` exactly, or the
+    /// default with the console the kernel has when init starts (probed only when the
+    /// choice matters: a virtio console, no replacement and no `console=` of the user's).
+    pub fn cmdline_line(&self) -> String {
+        let virtio = !self.no_virtio_console;
+        let probe_needed = virtio
+            && self.cmdline_replace.is_none()
+            && !self.cmdline.as_deref().is_some_and(config::names_a_console);
+        let console = match (&self.kernel, probe_needed) {
+            (Some(k), true) => match kernel_probe::probe(k) {
+                KernelConsoles::Hvc0AtBoot => DefaultConsole::Hvc0,
+                _ => DefaultConsole::Uart,
+            },
+            // No kernel to look at (--print-default-cmdline alone): the line for a
+            // kernel with hvc0 built in.
+            (None, _) => DefaultConsole::Hvc0,
+            (Some(_), false) => DefaultConsole::Uart,
+        };
+        config::build_cmdline(
+            self.cmdline_replace.as_deref(),
+            self.cmdline.as_deref(),
+            virtio,
+            console,
+        )
+    }
+
     fn checks(&self) -> Result<Checks, ConfigError> {
         config::check_patterns("expect", &self.expect)?;
         config::check_patterns("fail-on", &self.fail_on)?;
         if let Some(r) = &self.report {
-            config::check_report_path(r)?;
+            config::check_output_path("report", r)?;
+        }
+        if let Some(j) = &self.junit {
+            config::check_output_path("junit", j)?;
         }
         Ok(Checks {
             expect: self.expect.clone(),
@@ -219,6 +302,8 @@ impl RunArgs {
                 .transpose()?,
             boot_timer: self.boot_timer,
             report: self.report.clone(),
+            junit: self.junit.clone(),
+            send_after: crate::send_after::parse_steps(&self.send_after)?,
             tail_lines: self.tail_lines,
         })
     }

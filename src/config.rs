@@ -93,9 +93,11 @@ pub enum ConfigError {
     /// An empty `--expect` or `--fail-on` pattern (it would match at once).
     #[error("--{0} '': empty pattern; give the text to look for on the console")]
     EmptyPattern(&'static str),
-    /// `--report FILE` cannot be written where asked.
-    #[error("--report {path}: {why}")]
-    BadReportPath {
+    /// `--report FILE` or `--junit FILE` cannot be written where asked.
+    #[error("--{option} {path}: {why}")]
+    BadOutputPath {
+        /// `report` or `junit`.
+        option: &'static str,
         /// What the user gave.
         path: String,
         /// What is wrong with it.
@@ -104,6 +106,9 @@ pub enum ConfigError {
     /// `--console` and `--serial` both name `stdio`.
     #[error("stdio is already used by another console: --console and --serial cannot both use it")]
     StdioTwice,
+    /// A bad `--send-after` step.
+    #[error(transparent)]
+    SendAfter(#[from] crate::send_after::SendAfterError),
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -175,6 +180,11 @@ pub struct Checks {
     pub boot_timer: bool,
     /// Write a JSON summary here at exit.
     pub report: Option<PathBuf>,
+    /// `--send-after`: texts typed into the guest once their patterns appeared.
+    pub send_after: Vec<crate::send_after::Step>,
+    /// Write the console's KTAP/TAP results here as JUnit XML at exit; a failed or
+    /// unreported test (or none at all) then fails the run (status 122).
+    pub junit: Option<PathBuf>,
     /// Console lines shown on stderr when the guest's run fails.
     pub tail_lines: usize,
 }
@@ -198,10 +208,11 @@ pub fn check_patterns(option: &'static str, patterns: &[String]) -> Result<(), C
     Ok(())
 }
 
-/// Checks that `--report FILE` can be created: its directory exists and it is not a
+/// Checks that `--{option} FILE` can be created: its directory exists and it is not a
 /// directory itself. Nothing is written until the VM ends.
-pub fn check_report_path(path: &Path) -> Result<(), ConfigError> {
-    let bad = |why: String| ConfigError::BadReportPath {
+pub fn check_output_path(option: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let bad = |why: String| ConfigError::BadOutputPath {
+        option,
         path: path.display().to_string(),
         why,
     };
@@ -326,18 +337,56 @@ pub fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// The command line: the default for the console set-up (or `replace`), the virtio-mmio
-/// device parameter when the virtio console is present, then `append` (last, so that a
-/// user's `-- init args` stay at the end).
-pub fn build_cmdline(replace: Option<&str>, append: Option<&str>, virtio_console: bool) -> String {
-    let default = if virtio_console {
-        DEFAULT_CMDLINE_VIRTIO
-    } else {
-        DEFAULT_CMDLINE
-    };
-    let mut parts: Vec<String> = vec![replace.unwrap_or(default).trim().to_string()];
-    if virtio_console {
-        parts.push(virtio_mmio_cmdline_device());
+/// Which console the default command line names (see [`crate::kernel_probe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultConsole {
+    /// `console=ttyS0`: the console every kernel has when init starts.
+    Uart,
+    /// `earlycon=uart8250,io,0x3f8 console=hvc0`: for kernels with virtio_mmio and
+    /// virtio_console built in (hvc0 exists when init starts).
+    Hvc0,
+}
+
+/// True when `cmdline` has a `console=` parameter of its own.
+pub fn names_a_console(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|p| p.starts_with("console="))
+}
+
+/// The command line.
+/// - `--cmdline-replace STR`: exactly STR, then `--cmdline` (nothing of microvm's).
+/// - otherwise the default: the console chosen for the kernel (`console`; none when
+///   `--cmdline` names a console itself, so that the user's choice is the only one), the
+///   fixed parameters, the virtio-mmio device parameter when the virtio console is
+///   present, then `--cmdline` (last, so that a user's `-- init args` stay at the end).
+pub fn build_cmdline(
+    replace: Option<&str>,
+    append: Option<&str>,
+    virtio_console: bool,
+    console: DefaultConsole,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    match replace {
+        Some(r) => parts.push(r.trim().to_string()),
+        None => {
+            let line = match console {
+                DefaultConsole::Hvc0 if virtio_console => DEFAULT_CMDLINE_VIRTIO,
+                _ => DEFAULT_CMDLINE,
+            };
+            if append.is_some_and(names_a_console) {
+                parts.extend(
+                    line.split_whitespace()
+                        .filter(|p| !names_a_console(p) && !p.starts_with("earlycon"))
+                        .map(str::to_string),
+                );
+            } else {
+                parts.push(line.to_string());
+            }
+            if virtio_console {
+                parts.push(virtio_mmio_cmdline_device());
+            }
+        }
     }
     if let Some(extra) = append {
         parts.push(extra.trim().to_string());
@@ -384,10 +433,10 @@ mod tests {
             e.to_string(),
             "--fail-on '': empty pattern; give the text to look for on the console"
         );
-        assert!(check_report_path(Path::new("r.json")).is_ok());
-        let e = check_report_path(Path::new("/nonexistent-dir/r.json")).unwrap_err();
+        assert!(check_output_path("report", Path::new("r.json")).is_ok());
+        let e = check_output_path("report", Path::new("/nonexistent-dir/r.json")).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
-        assert!(check_report_path(Path::new("/tmp")).is_err());
+        assert!(check_output_path("report", Path::new("/tmp")).is_err());
     }
 
     #[test]
@@ -433,12 +482,14 @@ mod tests {
 
     #[test]
     fn cmdline() {
-        assert_eq!(build_cmdline(None, None, false), DEFAULT_CMDLINE);
-        assert!(build_cmdline(None, Some("x=1"), false).ends_with(" quiet x=1"));
-        assert_eq!(build_cmdline(Some("a"), Some("b"), false), "a b");
-        assert_eq!(build_cmdline(Some(""), None, false), "");
-        assert_eq!(build_cmdline(Some(""), Some(" "), false), "");
-        let v = build_cmdline(None, Some("x=1"), true);
+        use DefaultConsole::{Hvc0, Uart};
+        assert_eq!(build_cmdline(None, None, false, Hvc0), DEFAULT_CMDLINE);
+        assert!(build_cmdline(None, Some("x=1"), false, Uart).ends_with(" quiet x=1"));
+        // --cmdline-replace is exact.
+        assert_eq!(build_cmdline(Some("a"), Some("b"), true, Hvc0), "a b");
+        assert_eq!(build_cmdline(Some(""), None, false, Uart), "");
+        assert_eq!(build_cmdline(Some(""), Some(" "), true, Uart), "");
+        let v = build_cmdline(None, Some("x=1"), true, Hvc0);
         assert!(
             v.starts_with("earlycon=uart8250,io,0x3f8 console=hvc0 "),
             "{v}"
@@ -448,9 +499,20 @@ mod tests {
             v.ends_with(" quiet virtio_mmio.device=4K@0xd0000000:5 x=1"),
             "{v}"
         );
-        assert_eq!(
-            build_cmdline(Some("a"), None, true),
-            "a virtio_mmio.device=4K@0xd0000000:5"
+        // A kernel without hvc0 at boot gets the UART, with the device still described.
+        let u = build_cmdline(None, None, true, Uart);
+        assert!(
+            u.starts_with("console=ttyS0 ") && !u.contains("hvc0 "),
+            "{u}"
         );
+        assert!(u.ends_with(" virtio_mmio.device=4K@0xd0000000:5"), "{u}");
+        // A console named in --cmdline is the only one.
+        let c = build_cmdline(None, Some("console=hvc0 y=2"), true, Uart);
+        assert_eq!(c.matches("console=").count(), 1, "{c}");
+        assert!(
+            !c.contains("earlycon") && c.ends_with(" console=hvc0 y=2"),
+            "{c}"
+        );
+        assert!(c.starts_with("reboot=k "), "{c}");
     }
 }

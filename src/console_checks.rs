@@ -19,13 +19,14 @@ pub const FAIL_LINE_GRACE: Duration = Duration::from_secs(1);
 /// One pattern with its Knuth-Morris-Pratt failure table: fed a byte at a time, it finds
 /// every occurrence in one pass, however the stream is chunked.
 #[derive(Debug, Clone)]
-struct Pattern {
+pub(crate) struct Pattern {
     text: String,
     fail: Vec<usize>,
 }
 
 impl Pattern {
-    fn new(text: &str) -> Pattern {
+    /// The table for `text` (non-empty).
+    pub(crate) fn new(text: &str) -> Pattern {
         let p = text.as_bytes();
         let mut fail = vec![0; p.len()];
         let mut k = 0;
@@ -46,7 +47,7 @@ impl Pattern {
 
     /// The state after `b`, from `state` (bytes of the pattern matched so far). Returns
     /// the pattern's length on a match.
-    fn step(&self, mut state: usize, b: u8) -> usize {
+    pub(crate) fn step(&self, mut state: usize, b: u8) -> usize {
         let p = self.text.as_bytes();
         if state == p.len() {
             state = self.fail[state - 1];
@@ -57,7 +58,7 @@ impl Pattern {
         if p[state] == b { state + 1 } else { 0 }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.text.len()
     }
 }

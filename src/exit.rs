@@ -17,6 +17,9 @@ pub const EXIT_RUNTIME_ERROR: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit status: the guest stopped before every `--expect` pattern had appeared.
 pub const EXIT_EXPECT_UNMET: i32 = 121;
+/// Exit status: with `--junit`, a KTAP/TAP test failed or never reported, or there were
+/// no results at all.
+pub const EXIT_TESTS_FAILED: i32 = 122;
 /// Exit status: a `--fail-on` pattern appeared on the console.
 pub const EXIT_FAIL_ON: i32 = 123;
 /// Exit status: `--timeout` expired (the habit of GNU timeout).
@@ -53,6 +56,18 @@ pub enum ExitReason {
     FailOn(String),
     /// `--timeout` expired.
     Timeout(std::time::Duration),
+    /// With `--junit`: the guest stopped cleanly but a KTAP/TAP test failed or never
+    /// reported (or no test reported at all).
+    TestsFailed {
+        /// Test cases seen.
+        tests: usize,
+        /// `not ok` results.
+        failures: usize,
+        /// Tests without a result.
+        errors: usize,
+        /// Why the guest stopped.
+        stopped: Box<ExitReason>,
+    },
     /// The user asked to quit from the console (Ctrl-A x).
     UserQuit,
     /// A host signal (SIGTERM, SIGINT, SIGHUP) asked microvm to stop.
@@ -73,6 +88,7 @@ impl ExitReason {
             ExitReason::ExpectUnmet { .. } => "expect-unmet",
             ExitReason::FailOn(_) => "fail-on",
             ExitReason::Timeout(_) => "timeout",
+            ExitReason::TestsFailed { .. } => "tests-failed",
             ExitReason::UserQuit => "user-quit",
             ExitReason::Signal(_) => "signal",
             ExitReason::Error(_) => "error",
@@ -87,6 +103,7 @@ impl ExitReason {
             ExitReason::GuestPanic(_)
             | ExitReason::ExpectUnmet { .. }
             | ExitReason::FailOn(_)
+            | ExitReason::TestsFailed { .. }
             | ExitReason::Timeout(_) => true,
             _ => false,
         }
@@ -103,6 +120,7 @@ impl ExitReason {
             ExitReason::ExpectUnmet { .. } => EXIT_EXPECT_UNMET,
             ExitReason::FailOn(_) => EXIT_FAIL_ON,
             ExitReason::Timeout(_) => EXIT_TIMEOUT,
+            ExitReason::TestsFailed { .. } => EXIT_TESTS_FAILED,
             ExitReason::GuestPanic(_) => EXIT_GUEST_PANIC,
             ExitReason::Signal(sig) => EXIT_SIGNAL_BASE + sig,
             ExitReason::Error(_) => EXIT_RUNTIME_ERROR,
@@ -131,6 +149,23 @@ impl fmt::Display for ExitReason {
                 f,
                 "--timeout {} expired",
                 crate::config::format_duration(*d)
+            ),
+            ExitReason::TestsFailed {
+                tests: 0, stopped, ..
+            } => {
+                write!(
+                    f,
+                    "{stopped}, and no KTAP/TAP test result appeared on the console"
+                )
+            }
+            ExitReason::TestsFailed {
+                tests,
+                failures,
+                errors,
+                stopped,
+            } => write!(
+                f,
+                "{stopped}, and {failures} of {tests} KTAP/TAP tests failed, {errors} never reported"
             ),
             ExitReason::UserQuit => write!(f, "quit from the console"),
             ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),

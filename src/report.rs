@@ -17,8 +17,14 @@
 //!       "frontends": [ { "name": "hvc0", "bytes_out": 4000, "bytes_in": 12 } ],
 //!       "backends": [ { "name": "stdout", "bytes_out": 5120, "dropped": 0, "bytes_in": 12, "state": "open" } ],
 //!       "sockets": [ { "name": "/tmp/vm.sock", "clients_seen": 2, "clients_now": 0,
-//!                      "clients_cut_off": 1, "clients_refused": 0, "bytes_out": 9000, "bytes_in": 0 } ] } ]
+//!                      "clients_cut_off": 1, "clients_refused": 0, "bytes_out": 9000, "bytes_in": 0 } ] } ],
+//!   "tests": { "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "dropped": 0,
+//!       "suites": [ { "name": "ktap/example", "plan": 3, "cases": [
+//!           { "name": "example_simple_test", "result": "pass", "message": "" } ] } ] }
 //! }
+//!
+//! `tests` (KTAP/TAP results, [`crate::ktap`]) is null unless `--junit` or `--report` was
+//! given and the VM ran; `result` is `pass`, `fail`, `skip`, `todo` or `error`.
 //! ```
 
 use std::io::Write;
@@ -27,13 +33,16 @@ use std::time::Duration;
 
 use crate::config::Checks;
 use crate::exit::ExitReason;
+use crate::ktap::{self, Case, Results};
 use crate::mux::HubStats;
 use crate::vmm::Outcome;
 
-/// Errors writing the report.
+/// Errors writing the report (or the JUnit file).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write --report {path}: {source}")]
+#[error("cannot write --{option} {path}: {source}")]
 pub struct ReportError {
+    /// `report` or `junit`.
+    option: &'static str,
     /// The report's path.
     path: String,
     /// The OS error.
@@ -175,6 +184,45 @@ fn hub_json(name: &str, s: &HubStats) -> Json {
     ])
 }
 
+/// The KTAP/TAP results: totals, then each suite's cases with their result and message.
+fn tests_json(r: &Results) -> Json {
+    let c = r.counts();
+    let case = |c: &Case| {
+        let (result, message) = match &c.outcome {
+            ktap::Outcome::Pass => ("pass", ""),
+            ktap::Outcome::Fail(m) => ("fail", m.as_str()),
+            ktap::Outcome::Skip(m) => ("skip", m.as_str()),
+            ktap::Outcome::Todo(m) => ("todo", m.as_str()),
+            ktap::Outcome::Error(m) => ("error", m.as_str()),
+        };
+        Json::Obj(vec![
+            ("name", Json::str(&c.name)),
+            ("result", Json::str(result)),
+            ("message", Json::str(message)),
+        ])
+    };
+    let suites = r
+        .suites
+        .iter()
+        .filter(|s| !s.cases.is_empty())
+        .map(|s| {
+            Json::Obj(vec![
+                ("name", Json::str(&s.name)),
+                ("plan", s.plan.map_or(Json::Null, Json::int)),
+                ("cases", Json::Arr(s.cases.iter().map(case).collect())),
+            ])
+        })
+        .collect();
+    Json::Obj(vec![
+        ("tests", Json::int(c.tests as u64)),
+        ("failures", Json::int(c.failures as u64)),
+        ("errors", Json::int(c.errors as u64)),
+        ("skipped", Json::int(c.skipped as u64)),
+        ("dropped", Json::int(r.dropped as u64)),
+        ("suites", Json::Arr(suites)),
+    ])
+}
+
 /// The report's text. `outcome` is absent when the VM could not be built (`status` then
 /// says whether it was a usage or a runtime error).
 pub fn render(
@@ -231,6 +279,12 @@ pub fn render(
         ),
         ("timeout_ms", opt_ms(checks.timeout)),
         ("consoles", Json::Arr(consoles)),
+        (
+            "tests",
+            outcome
+                .and_then(|o| o.tests.as_ref())
+                .map_or(Json::Null, tests_json),
+        ),
     ]);
     let mut out = String::new();
     doc.render(&mut out, 0);
@@ -238,10 +292,11 @@ pub fn render(
     out
 }
 
-/// Writes `text` to `path` atomically: a temporary file beside it, synced, then renamed,
-/// so a reader never sees half a report.
-pub fn write_atomic(path: &Path, text: &str) -> Result<(), ReportError> {
+/// Writes `text` to `path` (given as `--{option}`) atomically: a temporary file beside
+/// it, synced, then renamed, so a reader never sees half a report.
+pub fn write_atomic(option: &'static str, path: &Path, text: &str) -> Result<(), ReportError> {
     let err = |source| ReportError {
+        option,
         path: path.display().to_string(),
         source,
     };
@@ -324,6 +379,25 @@ mod tests {
             wall_time: Duration::from_millis(1000),
             expect_progress: (0, 1),
             consoles: vec![(stats, b"x".to_vec())],
+            tests: Some(crate::ktap::Results {
+                suites: vec![crate::ktap::Suite {
+                    name: "ktap".into(),
+                    plan: Some(2),
+                    cases: vec![
+                        crate::ktap::Case {
+                            name: "t1".into(),
+                            outcome: crate::ktap::Outcome::Skip("no hw".into()),
+                            output: vec![],
+                        },
+                        crate::ktap::Case {
+                            name: "t2".into(),
+                            outcome: crate::ktap::Outcome::Fail(String::new()),
+                            output: vec![],
+                        },
+                    ],
+                }],
+                dropped: 0,
+            }),
         };
         let j = render(&checks, &o.reason, 3, Some(&o));
         for want in [
@@ -337,6 +411,11 @@ mod tests {
             r#""clients_cut_off": 1"#,
             r#""name": "ttyS0""#,
             r#""matched": null"#,
+            r#""tests": {"#,
+            r#""failures": 1"#,
+            r#""skipped": 1"#,
+            r#""result": "skip""#,
+            r#""message": "no hw""#,
         ] {
             assert!(j.contains(want), "{want} missing in\n{j}");
         }
@@ -348,6 +427,7 @@ mod tests {
         );
         assert!(e.contains(r#""boot_time_ms": null"#), "{e}");
         assert!(e.contains(r#""consoles": []"#), "{e}");
+        assert!(e.contains(r#""tests": null"#), "{e}");
     }
 
     #[test]
@@ -355,14 +435,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mvreport-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("r.json");
-        write_atomic(&p, "{}\n").unwrap();
+        write_atomic("report", &p, "{}\n").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "{}\n");
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
             "no temporary left"
         );
-        assert!(write_atomic(&dir.join("missing/r.json"), "x").is_err());
+        assert!(write_atomic("report", &dir.join("missing/r.json"), "x").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(tail_lines(b"a\r\nb\r\n\x1b[2Jc\r\n", 2), ["b", "[2Jc"]);
         assert!(tail_lines(b"a\nb", 0).is_empty());

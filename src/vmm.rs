@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console_checks::ConsoleChecks;
 use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::ktap::{self, KtapWatch, Results};
 use crate::mux::{Hub, HubStats};
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::memory::GuestMemory;
@@ -65,6 +66,10 @@ pub struct RunChecks {
     pub timer: Arc<BootTimer>,
     /// `--timeout`, counted from microvm's start.
     pub timeout: Option<Duration>,
+    /// The KTAP/TAP parsers (with `--junit` or `--report`).
+    pub ktap: Option<KtapWatch>,
+    /// `--junit`: failed or missing test results fail the run.
+    pub junit: bool,
 }
 
 /// How a run ended, and what went through its consoles (for stderr and `--report`).
@@ -81,6 +86,8 @@ pub struct Outcome {
     /// Per console hub (`--console` first, then `--serial`): its traffic and the last
     /// bytes of its stream.
     pub consoles: Vec<(HubStats, Vec<u8>)>,
+    /// The KTAP/TAP results on the consoles (with `--junit` or `--report`).
+    pub tests: Option<Results>,
 }
 
 /// A running VM.
@@ -191,8 +198,15 @@ impl Vmm {
             .exit
             .reason()
             .unwrap_or_else(|| ExitReason::Error("VM stopped for no recorded reason".into()));
+        let reason = self.checks.checks.verdict(reason);
+        let tests = self.checks.ktap.as_ref().map(|k| k.finish(&reason));
+        let reason = match &tests {
+            Some(t) if self.checks.junit => ktap::verdict(reason, t),
+            _ => reason,
+        };
         Outcome {
-            reason: self.checks.checks.verdict(reason),
+            reason,
+            tests,
             boot_time: self.checks.timer.boot_time(),
             wall_time: self.checks.timer.elapsed(),
             expect_progress: self.checks.checks.expect_progress(),

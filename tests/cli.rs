@@ -600,9 +600,11 @@ fn failed_starts_leave_no_file_behind() {
     let _ = std::fs::remove_dir_all(d);
 }
 
-/// `--print-default-cmdline` prints the line microvm would boot with (what
-/// `--cmdline-replace` stands in for): hvc0 as the console by default, the UART alone
-/// with `--no-virtio-console`. Scripts comparing VMMs (`make bench`) rely on it.
+/// `--print-default-cmdline` prints the line microvm would boot with: hvc0 as the console
+/// for a kernel with virtio_console built in (and without `--kernel`), the UART for one
+/// without it (here: garbage, which tells nothing) or with `--no-virtio-console`; a
+/// console in `--cmdline` is the only one; `--cmdline-replace` is exact. Scripts comparing
+/// VMMs (`make bench`) rely on it.
 #[test]
 fn print_default_cmdline_follows_the_console_setup() {
     let with = microvm(&["--print-default-cmdline"]);
@@ -620,6 +622,88 @@ fn print_default_cmdline_follows_the_console_setup() {
         "{}",
         without.stdout
     );
+    let d = tmpdir("printcmdline");
+    let k = d.join("garbage");
+    std::fs::write(&k, vec![0x5a; 4096]).unwrap();
+    let k = k.to_str().unwrap();
+    let unknown = microvm(&["--print-default-cmdline", "--kernel", k]);
+    assert!(
+        unknown.stdout.starts_with("console=ttyS0 ")
+            && unknown
+                .stdout
+                .trim_end()
+                .ends_with(" virtio_mmio.device=4K@0xd0000000:5"),
+        "{}",
+        unknown.stdout
+    );
+    let own = microvm(&[
+        "--print-default-cmdline",
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=hvc0",
+    ]);
+    assert_eq!(own.stdout.matches("console=").count(), 1, "{}", own.stdout);
+    let exact = microvm(&[
+        "--print-default-cmdline",
+        "--cmdline-replace",
+        "a=1",
+        "--cmdline",
+        "b=2",
+    ]);
+    assert_eq!(exact.stdout, "a=1 b=2\n");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Bad `--send-after` values: an empty pattern, an unknown escape, a missing TEXT, too
+/// much text; each a usage error in one line naming the step.
+#[test]
+fn bad_send_after_steps_are_usage_errors() {
+    let k = "/nonexistent-kernel";
+    let o = microvm(&["--kernel", k, "--send-after", "", "x"]);
+    assert_error(&o, 2, "--send-after '' ...: empty pattern");
+    let o = microvm(&["--kernel", k, "--send-after", "login: ", r"root\q"]);
+    assert_error(
+        &o,
+        2,
+        r#"--send-after "login: " "root\\q": unknown escape \q"#,
+    );
+    let o = microvm(&["--kernel", k, "--send-after", "login: "]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let big = "x".repeat(40 << 10);
+    let o = microvm(&[
+        "--kernel",
+        k,
+        "--send-after",
+        "a",
+        &big,
+        "--send-after",
+        "b",
+        &big,
+    ]);
+    assert_error(
+        &o,
+        2,
+        "--send-after: 81920 bytes of text in all; at most 65536",
+    );
+}
+
+/// `--junit` in a missing directory or naming a directory: a usage error at start.
+#[test]
+fn junit_path_is_checked_at_start() {
+    let o = microvm(&[
+        "--kernel",
+        "/nonexistent-kernel",
+        "--junit",
+        "/nonexistent-dir/j.xml",
+    ]);
+    assert_error(
+        &o,
+        2,
+        "--junit /nonexistent-dir/j.xml: directory /nonexistent-dir does not exist",
+    );
+    let o = microvm(&["--kernel", "/nonexistent-kernel", "--junit", "/tmp"]);
+    assert_error(&o, 2, "--junit /tmp: is a directory");
 }
 
 #[test]

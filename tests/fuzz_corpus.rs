@@ -44,6 +44,22 @@ fn seed(target: &str, name: &str) -> Vec<u8> {
 }
 
 #[test]
+fn ktap_corpus() {
+    use microvm::ktap::fuzzing::check;
+    replay("ktap", 4, |d| {
+        check(d, true);
+        check(d, false);
+    });
+    // the seeds exercise what they are named after
+    let c = |n: &str, clean| check(&seed("ktap", n), clean).counts();
+    let kunit = c("kunit", true);
+    assert_eq!((kunit.tests, kunit.failures, kunit.skipped), (5, 1, 2));
+    assert_eq!(c("kselftest", true).failures, 2);
+    assert_eq!(c("crash_mid_test", false).errors, 2);
+    assert_eq!(c("tap14_bail_out", true).errors, 1);
+}
+
+#[test]
 fn corpus_replays_without_panics() {
     replay("virtio_console", 5, |d| {
         run(d);
@@ -187,6 +203,11 @@ proptest! {
     #[test]
     fn random_console_spec_bytes(data in proptest::collection::vec(any::<u8>(), 0..80)) {
         spec::run(&data);
+    }
+
+    #[test]
+    fn random_console_text_through_ktap(data in proptest::collection::vec(any::<u8>(), 0..2048), clean: bool) {
+        microvm::ktap::fuzzing::check(&data, clean);
     }
 
     #[test]

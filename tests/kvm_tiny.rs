@@ -1246,3 +1246,245 @@ fn a_second_sigterm_ends_the_flush_at_once() {
     }
     let _ = std::fs::remove_dir_all(d);
 }
+
+// ---- --junit: KTAP/TAP results from the console ----------------------------------------
+
+/// KUnit's output as the kernel prints it (timestamps, `\r\n`, nested suites, a failed
+/// expectation, a skip and a todo), then kselftest's runner with a nested program.
+const KTAP_SAMPLE: &str = "[    0.5] KTAP version 1\r\n[    0.5] 1..2\r\n\
+[    0.5]     KTAP version 1\r\n[    0.5]     # Subtest: example\r\n\
+[    0.5]     1..4\r\n[    0.5]     ok 1 example_simple_test\r\n\
+[    0.5]     # example_fail: EXPECTATION FAILED at lib/kunit/example.c:42\r\n\
+[    0.5]     not ok 2 example_fail\r\n\
+[    0.5]     ok 3 example_skip # SKIP this test should be skipped\r\n\
+[    0.5]     not ok 4 example_todo # TODO not done yet\r\n\
+[    0.5] not ok 1 example\r\n[    0.5]     KTAP version 1\r\n\
+[    0.5]     # Subtest: math\r\n[    0.5]     1..1\r\n[    0.5]     ok 1 add\r\n\
+[    0.5] ok 2 math\r\n\
+TAP version 13\n1..2\n# selftests: net: socket\n# TAP version 13\n# 1..3\n\
+# ok 1 socket create\n# not ok 2 socket bind # port in use\n# ok 3 socket listen # SKIP no ipv6\n\
+ok 1 selftests: net: socket\nnot ok 2 selftests: net: plain # exit=1\n";
+
+/// `$MICROVM_CACHE/junit-10.xsd` (scripts/deps.sh fetches it from pytest's sdist).
+fn junit_xsd() -> PathBuf {
+    let cache = std::env::var_os("MICROVM_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/microvm"),
+        PathBuf::from,
+    );
+    let xsd = cache.join("junit-10.xsd");
+    assert!(
+        xsd.exists(),
+        "{} missing: run scripts/deps.sh (make test does)",
+        xsd.display()
+    );
+    xsd
+}
+
+/// `xmllint --schema junit-10.xsd FILE` accepts it.
+fn assert_valid_junit(file: &std::path::Path) {
+    let out = Command::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(junit_xsd())
+        .arg(file)
+        .output()
+        .expect("xmllint (libxml2-utils, installed by scripts/deps.sh)");
+    assert!(
+        out.status.success(),
+        "xmllint rejects {}:\n{}\n{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(file).unwrap_or_default()
+    );
+}
+
+#[test]
+fn junit_from_a_ktap_guest_validates() {
+    let d = scratch("junit");
+    let (junit, report) = (d.join("results.xml"), d.join("report.json"));
+    let r = run_with(
+        "junit",
+        &hello_guest(KTAP_SAMPLE),
+        b"",
+        &[
+            "--junit",
+            junit.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.status, 122, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("3 of 9 KTAP/TAP tests failed, 0 never reported"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("microvm: not ok: ktap/example: example_fail"),
+        "{}",
+        r.stderr
+    );
+    assert_valid_junit(&junit);
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains(r#"<testsuites name="microvm" tests="9" failures="3" errors="0""#),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(
+            r#"<testsuite name="ktap/example" tests="4" failures="1" errors="0" skipped="2""#
+        ),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("EXPECTATION FAILED at lib/kunit/example.c:42</failure>"),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(r#"<testsuite name="ktap-2/net: socket""#),
+        "{xml}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(j["exit"]["reason"], "tests-failed");
+    assert_eq!(j["exit"]["status"], 122);
+    assert_eq!(j["tests"]["tests"], 9);
+    assert_eq!(j["tests"]["failures"], 3);
+    assert_eq!(j["tests"]["skipped"], 3);
+    // Every test passing: the guest's clean stop stands (status 0), the file validates.
+    let r = run_with(
+        "junit-pass",
+        &hello_guest("TAP version 13\n1..2\nok 1 a\nok 2 b # SKIP later\n"),
+        b"",
+        &["--junit", junit.to_str().unwrap()],
+    );
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    assert_valid_junit(&junit);
+    // No result at all fails a --junit run: a CI job must not pass on no tests.
+    let r = run_with(
+        "junit-none",
+        &hello_guest("hello\n"),
+        b"",
+        &["--junit", junit.to_str().unwrap()],
+    );
+    assert_eq!(r.status, 122, "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("no KTAP/TAP test result"), "{}", r.stderr);
+    assert_valid_junit(&junit);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn junit_error_case_for_a_guest_that_panics_mid_test() {
+    let d = scratch("junit-panic");
+    let junit = d.join("results.xml");
+    let text = "KTAP version 1\n1..3\nok 1 first\n# running second\n\
+[   12.0] Kernel panic - not syncing: test crash\n\
+[   12.1] ---[ end Kernel panic - not syncing: test crash ]---\n";
+    let r = run_with(
+        "junit-panic",
+        &print_then(text, &SPIN),
+        b"",
+        &["--junit", junit.to_str().unwrap()],
+    );
+    assert_eq!(
+        r.status, 125,
+        "a panic keeps its status; stderr: {}",
+        r.stderr
+    );
+    assert_valid_junit(&junit);
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains(r#"tests="3" failures="0" errors="2""#),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(r#"<testcase name="test 2 (no result: guest kernel panic: Kernel panic - not syncing: test crash)""#),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("Kernel panic - not syncing: test crash\n"),
+        "{xml}"
+    );
+    assert!(xml.contains("running second"), "{xml}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+// ---- --send-after: scripted input --------------------------------------------------------
+
+#[test]
+fn send_after_types_each_text_once_its_pattern_appeared() {
+    let d = scratch("send-after");
+    let report = d.join("report.json");
+    // The guest prints a prompt, then echoes what it gets until 'q'.
+    let r = run_with(
+        "send-after",
+        &print_then("login: ", &echo_guest()),
+        b"",
+        &[
+            "--send-after",
+            "login: ",
+            r"root\n",
+            "--send-after",
+            "root",
+            r"\x41\cdq",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.status, 0, "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, b"login: root\nA\x04q");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let source = j["consoles"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "send-after")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(source["bytes_in"], 8, "{j}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+// ---- the PVM host refusal ------------------------------------------------------------------
+
+/// On a PVM host (this project's machines: `/sys/module/kvm_pvm`), an ordinary kernel
+/// (the reference guest's Debian kernel, `make guest`) is refused in one line that says
+/// why and what to do, instead of hanging; on any other host it is not refused.
+#[test]
+fn an_ordinary_kernel_on_a_pvm_host_is_refused_in_one_line() {
+    let kernel = junit_xsd().with_file_name("guest").join("vmlinuz");
+    assert!(
+        kernel.exists(),
+        "{} missing: run make guest",
+        kernel.display()
+    );
+    let out = Command::new(MICROVM)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--timeout", "5s", "--tail-lines", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "microvm: this host's KVM is PVM (kvm_pvm), which boots only PVM guest kernels, and {} is an ordinary kernel that would hang;",
+                kernel.display()
+            )) && stderr.contains("--pvm-guest"),
+            "{stderr}"
+        );
+    } else {
+        assert_ne!(
+            out.status.code(),
+            Some(1),
+            "refused on a non-PVM host: {stderr}"
+        );
+        assert!(!stderr.contains("is PVM"), "{stderr}");
+    }
+}

@@ -77,6 +77,8 @@ pub(crate) enum Role<'a> {
     Log { regular: bool },
     /// A client of a socket listener with this spec.
     Client(&'a SockSpec),
+    /// Input microvm itself types (`--send-after`).
+    Script,
 }
 
 /// The limits [`plan`] hands out.
@@ -106,6 +108,7 @@ pub(crate) struct Plan {
 /// | `file=` regular file | lossless, paces the guest | - |
 /// | `file=` FIFO or device | drop and count | - |
 /// | socket client | cut off when more than max(queue, history) behind | viewer (`ro`), contender (`single-writer`), or to the guest |
+/// | `--send-after` script | - | to the guest |
 pub(crate) fn plan(role: Role<'_>, limits: &Limits) -> Plan {
     match role {
         Role::Stdout => Plan {
@@ -127,6 +130,10 @@ pub(crate) fn plan(role: Role<'_>, limits: &Limits) -> Plan {
         Role::Log { regular: false } => Plan {
             sink: Some((Policy::DropAndCount, limits.drop_and_count)),
             input: None,
+        },
+        Role::Script => Plan {
+            sink: None,
+            input: Some(InputMode::Guest),
         },
         Role::Client(spec) => Plan {
             sink: Some((Policy::CutOff, spec.queue.max(limits.history))),

@@ -331,6 +331,25 @@ impl Hub {
         self.attach_frontend(name, |w| (input, w))
     }
 
+    /// An input-only source inside microvm (`--send-after`): what is written to the other
+    /// end of `stream` (one end of a socketpair) reaches the guest like a socket client's
+    /// input: each read whole, in arrival order, through the same bounded input buffer.
+    /// It shows in [`Hub::stats`] as a backend named `name` (its bytes as `bytes_in`) and
+    /// goes away quietly when the other end is closed. `stream` must be non-blocking.
+    pub fn add_input_source(&mut self, name: &str, stream: std::os::unix::net::UnixStream) {
+        let ep = Endpoint::new(
+            name.into(),
+            Box::new(socket::Stream::Unix(stream)),
+            Owner::Backend,
+            plan(Role::Script, &self.limits),
+            0,
+        );
+        self.insert(ep);
+        if self.initialized {
+            self.shared.kick();
+        }
+    }
+
     /// Another writer on the same output stream, counted under no frontend (e.g. for
     /// VMM messages).
     pub fn writer(&self) -> HubWriter {

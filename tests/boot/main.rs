@@ -31,6 +31,7 @@ type CaseFn = fn(&Ctx) -> Result<(), String>;
 mod cases_boot;
 mod cases_ci;
 mod cases_console;
+mod cases_run;
 #[path = "../common/pty.rs"]
 mod pty;
 
@@ -40,7 +41,9 @@ fn all_cases() -> Vec<(&'static str, CaseFn)> {
         cases_boot::CASES,
         cases_console::CASES,
         cases_ci::CASES,
+        cases_run::CASES,
         cases_ci::LAST,
+        cases_run::LAST,
         cases_boot::LAST,
     ]
     .concat()
@@ -633,6 +636,43 @@ fn prepare_ci_example() -> Vec<PathBuf> {
             );
         }
         out.push(img);
+    }
+    out.extend(prepare_run_guests(&dir));
+    out
+}
+
+/// For the naive-init and `microvm run` cases: the guest's virtio modules (copied from
+/// the reference guest's modules-l2) and `tprog`, a small dynamically linked Rust program
+/// (tests/boot/tprog.rs, built here with rustc) that prints its arguments and exits
+/// with the number in its first one.
+fn prepare_run_guests(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let modules = cache_guest_dir().join("modules-l2");
+    for e in std::fs::read_dir(&modules).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "ko") {
+            let dst = dir.join(e.file_name());
+            if std::fs::copy(&p, &dst).is_ok() {
+                out.push(dst);
+            }
+        }
+    }
+    let tprog = dir.join("tprog");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/boot/tprog.rs");
+    let ok = Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args(["-O", "--edition", "2021", "-o"])
+        .arg(&tprog)
+        .arg(&src)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        out.push(tprog);
+    } else {
+        eprintln!(
+            "boot: rustc {} failed; the run_* cases will fail",
+            src.display()
+        );
     }
     out
 }

@@ -17,11 +17,11 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::layout::S5_SLEEP_TYPE;
 use super::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
     ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, IOAPIC_START,
 };
-use super::layout::S5_SLEEP_TYPE;
 use crate::vstate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"MICROV";
