@@ -10,8 +10,9 @@
 //! connects it to a hub: an observer that matches, and one end of a socketpair given to
 //! [`crate::mux::Hub::add_input_source`], through which the texts reach the guest like
 //! any client's input (whole, in order, paced by the guest's reading). The texts of a
-//! run are bounded ([`MAX_TEXT`] in all), less than the socketpair holds, so a write
-//! never blocks the event loop and nothing is lost while the guest is not reading.
+//! run are bounded ([`MAX_TEXT`] in all, [`MAX_STEPS`] steps), less than the socketpair
+//! holds, so a write never blocks the event loop and nothing is lost while the guest is
+//! not reading.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -21,6 +22,10 @@ use crate::mux::Hub;
 
 /// The most text all steps of a run may type, in bytes.
 pub const MAX_TEXT: usize = 64 << 10;
+/// The most steps a run may have. With [`MAX_TEXT`] this keeps what the socketpair may
+/// have to hold (the texts and the kernel's per-write overhead, ~150 KiB at worst) under
+/// the default socket send buffer (~208 KiB).
+pub const MAX_STEPS: usize = 64;
 
 /// Errors in `--send-after` values (usage errors).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +46,9 @@ pub enum SendAfterError {
     /// More text than a run may type.
     #[error("--send-after: {0} bytes of text in all; at most {MAX_TEXT}")]
     TooMuch(usize),
+    /// More steps than a run may have.
+    #[error("--send-after: {0} steps; at most {MAX_STEPS}")]
+    TooManySteps(usize),
     /// The socketpair could not be made.
     #[error("--send-after: cannot create its input socket: {0}")]
     Socket(String),
@@ -105,6 +113,9 @@ pub fn unescape(pattern: &str, text: &str) -> Result<Vec<u8>, SendAfterError> {
 
 /// Builds the steps from `(PATTERN, TEXT)` pairs as given on the command line.
 pub fn parse_steps(pairs: &[String]) -> Result<Vec<Step>, SendAfterError> {
+    if pairs.len() / 2 > MAX_STEPS {
+        return Err(SendAfterError::TooManySteps(pairs.len() / 2));
+    }
     let mut steps = Vec::with_capacity(pairs.len() / 2);
     let mut total = 0;
     for pair in pairs.chunks(2) {
@@ -251,5 +262,10 @@ mod tests {
             parse_steps(&["a".into(), big.clone(), "b".into(), big]),
             Err(SendAfterError::TooMuch(_))
         ));
+        let many: Vec<String> = (0..2 * (MAX_STEPS + 1)).map(|i| format!("p{i}")).collect();
+        assert_eq!(
+            parse_steps(&many),
+            Err(SendAfterError::TooManySteps(MAX_STEPS + 1))
+        );
     }
 }
