@@ -16,6 +16,8 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::console_checks::Pattern;
 use crate::mux::Hub;
@@ -183,10 +185,15 @@ impl Script {
     }
 }
 
+/// How many steps have typed their text (shared with the observer, read at the end).
+pub type Progress = Arc<AtomicUsize>;
+
 /// Watches `hub`'s output and types the steps' texts into it (see the module doc).
-pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
+/// Returns the count of steps done, which the observer keeps up to date.
+pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<Progress, SendAfterError> {
+    let done = Progress::default();
     if steps.is_empty() {
-        return Ok(());
+        return Ok(done);
     }
     let (mut ours, theirs) =
         UnixStream::pair().map_err(|e| SendAfterError::Socket(e.to_string()))?;
@@ -196,8 +203,10 @@ pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
     }
     hub.add_input_source("send-after", theirs);
     let mut script = Script::new(steps);
+    let counter = done.clone();
     hub.add_observer(Box::new(move |chunk| {
         for text in script.feed(chunk) {
+            counter.fetch_add(1, Ordering::Relaxed);
             // At most MAX_TEXT bytes in all, well below the socketpair's buffer: this
             // does not block nor come up short.
             if let Err(e) = ours.write_all(&text) {
@@ -205,7 +214,18 @@ pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
             }
         }
     }));
-    Ok(())
+    Ok(done)
+}
+
+/// One line for stderr when the run failed with steps left: the one it waited for.
+pub fn waiting_for(steps: &[Step], done: usize) -> Option<String> {
+    steps.get(done).map(|s| {
+        format!(
+            "--send-after: {done} of {} steps done; still waiting for {:?}",
+            steps.len(),
+            s.pattern
+        )
+    })
 }
 
 #[cfg(test)]
@@ -249,6 +269,11 @@ mod tests {
         );
         assert_eq!(s.progress(), (3, 3));
         assert!(s.feed(b"login: ").is_empty());
+        assert_eq!(
+            waiting_for(&steps, 1).as_deref(),
+            Some(r#"--send-after: 1 of 3 steps done; still waiting for "Password: ""#)
+        );
+        assert_eq!(waiting_for(&steps, 3), None);
     }
 
     #[test]
