@@ -477,10 +477,13 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let ktap =
         (config.checks.junit.is_some() || config.checks.report.is_some()).then(KtapWatch::new);
     let consoles = create_consoles(config, &exit, &checks, ktap.as_ref())?;
-    if let Some(hub) = consoles.hubs.first() {
-        let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
-        crate::send_after::attach(&mut hub, &config.checks.send_after)?;
-    }
+    let send_after = match consoles.hubs.first() {
+        Some(hub) => {
+            let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
+            crate::send_after::attach(&mut hub, &config.checks.send_after)?
+        }
+        None => Default::default(),
+    };
     let timer = BootTimer::new(started);
     let mut mmio = Bus::new();
     let pio = create_devices(&vm, &exit, &consoles, &timer, &mut mmio)?;
@@ -524,6 +527,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
             timeout: config.checks.timeout,
             ktap,
             junit: config.checks.junit.is_some(),
+            send_after,
         },
         (vm, mem),
         seccomp,

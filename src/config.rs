@@ -21,6 +21,9 @@ i8042.noaux i8042.nomux i8042.dumbkbd quiet";
 pub const DEFAULT_CMDLINE_VIRTIO: &str = "earlycon=uart8250,io,0x3f8 console=hvc0 reboot=k \
 panic=1 pci=off 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd quiet";
 
+/// The 16550 as the boot console, until the real console registers.
+pub const EARLYCON: &str = "earlycon=uart8250,io,0x3f8";
+
 /// Describes the virtio-mmio console to kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES
 /// (others, like Debian's, find it in the ACPI DSDT and ignore this).
 pub fn virtio_mmio_cmdline_device() -> String {
@@ -340,7 +343,8 @@ pub fn host_memory() -> Option<u64> {
 /// Which console the default command line names (see [`crate::kernel_probe`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultConsole {
-    /// `console=ttyS0`: the console every kernel has when init starts.
+    /// `earlycon=uart8250,io,0x3f8 console=ttyS0`: the console every kernel has when
+    /// init starts.
     Uart,
     /// `earlycon=uart8250,io,0x3f8 console=hvc0`: for kernels with virtio_mmio and
     /// virtio_console built in (hvc0 exists when init starts).
@@ -370,9 +374,12 @@ pub fn build_cmdline(
     match replace {
         Some(r) => parts.push(r.trim().to_string()),
         None => {
-            let line = match console {
-                DefaultConsole::Hvc0 if virtio_console => DEFAULT_CMDLINE_VIRTIO,
-                _ => DEFAULT_CMDLINE,
+            let line = match (console, virtio_console) {
+                (DefaultConsole::Hvc0, true) => DEFAULT_CMDLINE_VIRTIO.to_string(),
+                // earlycon shows the boot log from the first line (the real ttyS0
+                // console takes over from it without a replay).
+                (DefaultConsole::Uart, true) => format!("{EARLYCON} {DEFAULT_CMDLINE}"),
+                (_, false) => DEFAULT_CMDLINE.to_string(),
             };
             if append.is_some_and(names_a_console) {
                 parts.extend(
@@ -502,7 +509,7 @@ mod tests {
         // A kernel without hvc0 at boot gets the UART, with the device still described.
         let u = build_cmdline(None, None, true, Uart);
         assert!(
-            u.starts_with("console=ttyS0 ") && !u.contains("hvc0 "),
+            u.starts_with("earlycon=uart8250,io,0x3f8 console=ttyS0 ") && !u.contains("hvc0 "),
             "{u}"
         );
         assert!(u.ends_with(" virtio_mmio.device=4K@0xd0000000:5"), "{u}");

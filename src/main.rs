@@ -101,6 +101,11 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
         return;
     }
     show_failed_tests(outcome);
+    if let Some(line) =
+        microvm::send_after::waiting_for(&config.checks.send_after, outcome.send_after_done)
+    {
+        final_line(&line);
+    }
     for (i, (_, history)) in outcome.consoles.iter().enumerate() {
         let lines = report::tail_lines(history, n);
         if lines.is_empty() {

@@ -13,6 +13,7 @@
 //!   "expect": { "patterns": ["ALL PASSED"], "matched": 0 },
 //!   "fail_on": { "patterns": ["BUG:"], "matched": null },
 //!   "timeout_ms": 300000,
+//!   "send_after": { "steps": 3, "done": 3 },
 //!   "consoles": [ { "hub": "console", "output_bytes": 5120, "input_bytes": 12,
 //!       "frontends": [ { "name": "hvc0", "bytes_out": 4000, "bytes_in": 12 } ],
 //!       "backends": [ { "name": "stdout", "bytes_out": 5120, "dropped": 0, "bytes_in": 12, "state": "open" } ],
@@ -278,6 +279,16 @@ pub fn render(
             ]),
         ),
         ("timeout_ms", opt_ms(checks.timeout)),
+        (
+            "send_after",
+            Json::Obj(vec![
+                ("steps", Json::int(checks.send_after.len() as u64)),
+                (
+                    "done",
+                    Json::int(outcome.map_or(0, |o| o.send_after_done) as u64),
+                ),
+            ]),
+        ),
         ("consoles", Json::Arr(consoles)),
         (
             "tests",
@@ -378,6 +389,7 @@ mod tests {
             boot_time: Some(Duration::from_millis(812)),
             wall_time: Duration::from_millis(1000),
             expect_progress: (0, 1),
+            send_after_done: 0,
             consoles: vec![(stats, b"x".to_vec())],
             tests: Some(crate::ktap::Results {
                 suites: vec![crate::ktap::Suite {

@@ -10,17 +10,24 @@
 //! connects it to a hub: an observer that matches, and one end of a socketpair given to
 //! [`crate::mux::Hub::add_input_source`], through which the texts reach the guest like
 //! any client's input (whole, in order, paced by the guest's reading). The texts of a
-//! run are bounded ([`MAX_TEXT`] in all), less than the socketpair holds, so a write
-//! never blocks the event loop and nothing is lost while the guest is not reading.
+//! run are bounded ([`MAX_TEXT`] in all, [`MAX_STEPS`] steps), less than the socketpair
+//! holds, so a write never blocks the event loop and nothing is lost while the guest is
+//! not reading.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::console_checks::Pattern;
 use crate::mux::Hub;
 
 /// The most text all steps of a run may type, in bytes.
 pub const MAX_TEXT: usize = 64 << 10;
+/// The most steps a run may have. With [`MAX_TEXT`] this keeps what the socketpair may
+/// have to hold (the texts and the kernel's per-write overhead, ~150 KiB at worst) under
+/// the default socket send buffer (~208 KiB).
+pub const MAX_STEPS: usize = 64;
 
 /// Errors in `--send-after` values (usage errors).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +48,9 @@ pub enum SendAfterError {
     /// More text than a run may type.
     #[error("--send-after: {0} bytes of text in all; at most {MAX_TEXT}")]
     TooMuch(usize),
+    /// More steps than a run may have.
+    #[error("--send-after: {0} steps; at most {MAX_STEPS}")]
+    TooManySteps(usize),
     /// The socketpair could not be made.
     #[error("--send-after: cannot create its input socket: {0}")]
     Socket(String),
@@ -105,6 +115,9 @@ pub fn unescape(pattern: &str, text: &str) -> Result<Vec<u8>, SendAfterError> {
 
 /// Builds the steps from `(PATTERN, TEXT)` pairs as given on the command line.
 pub fn parse_steps(pairs: &[String]) -> Result<Vec<Step>, SendAfterError> {
+    if pairs.len() / 2 > MAX_STEPS {
+        return Err(SendAfterError::TooManySteps(pairs.len() / 2));
+    }
     let mut steps = Vec::with_capacity(pairs.len() / 2);
     let mut total = 0;
     for pair in pairs.chunks(2) {
@@ -172,10 +185,15 @@ impl Script {
     }
 }
 
+/// How many steps have typed their text (shared with the observer, read at the end).
+pub type Progress = Arc<AtomicUsize>;
+
 /// Watches `hub`'s output and types the steps' texts into it (see the module doc).
-pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
+/// Returns the count of steps done, which the observer keeps up to date.
+pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<Progress, SendAfterError> {
+    let done = Progress::default();
     if steps.is_empty() {
-        return Ok(());
+        return Ok(done);
     }
     let (mut ours, theirs) =
         UnixStream::pair().map_err(|e| SendAfterError::Socket(e.to_string()))?;
@@ -185,8 +203,10 @@ pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
     }
     hub.add_input_source("send-after", theirs);
     let mut script = Script::new(steps);
+    let counter = done.clone();
     hub.add_observer(Box::new(move |chunk| {
         for text in script.feed(chunk) {
+            counter.fetch_add(1, Ordering::Relaxed);
             // At most MAX_TEXT bytes in all, well below the socketpair's buffer: this
             // does not block nor come up short.
             if let Err(e) = ours.write_all(&text) {
@@ -194,7 +214,18 @@ pub fn attach(hub: &mut Hub, steps: &[Step]) -> Result<(), SendAfterError> {
             }
         }
     }));
-    Ok(())
+    Ok(done)
+}
+
+/// One line for stderr when the run failed with steps left: the one it waited for.
+pub fn waiting_for(steps: &[Step], done: usize) -> Option<String> {
+    steps.get(done).map(|s| {
+        format!(
+            "--send-after: {done} of {} steps done; still waiting for {:?}",
+            steps.len(),
+            s.pattern
+        )
+    })
 }
 
 #[cfg(test)]
@@ -238,6 +269,11 @@ mod tests {
         );
         assert_eq!(s.progress(), (3, 3));
         assert!(s.feed(b"login: ").is_empty());
+        assert_eq!(
+            waiting_for(&steps, 1).as_deref(),
+            Some(r#"--send-after: 1 of 3 steps done; still waiting for "Password: ""#)
+        );
+        assert_eq!(waiting_for(&steps, 3), None);
     }
 
     #[test]
@@ -251,5 +287,10 @@ mod tests {
             parse_steps(&["a".into(), big.clone(), "b".into(), big]),
             Err(SendAfterError::TooMuch(_))
         ));
+        let many: Vec<String> = (0..2 * (MAX_STEPS + 1)).map(|i| format!("p{i}")).collect();
+        assert_eq!(
+            parse_steps(&many),
+            Err(SendAfterError::TooManySteps(MAX_STEPS + 1))
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct RunChecks {
     pub ktap: Option<KtapWatch>,
     /// `--junit`: failed or missing test results fail the run.
     pub junit: bool,
+    /// `--send-after` steps done so far.
+    pub send_after: crate::send_after::Progress,
 }
 
 /// How a run ended, and what went through its consoles (for stderr and `--report`).
@@ -88,6 +90,8 @@ pub struct Outcome {
     pub consoles: Vec<(HubStats, Vec<u8>)>,
     /// The KTAP/TAP results on the consoles (with `--junit` or `--report`).
     pub tests: Option<Results>,
+    /// `--send-after` steps that typed their text.
+    pub send_after_done: usize,
 }
 
 /// A running VM.
@@ -207,6 +211,10 @@ impl Vmm {
         Outcome {
             reason,
             tests,
+            send_after_done: self
+                .checks
+                .send_after
+                .load(std::sync::atomic::Ordering::Relaxed),
             boot_time: self.checks.timer.boot_time(),
             wall_time: self.checks.timer.elapsed(),
             expect_progress: self.checks.checks.expect_progress(),

@@ -628,7 +628,9 @@ fn print_default_cmdline_follows_the_console_setup() {
     let k = k.to_str().unwrap();
     let unknown = microvm(&["--print-default-cmdline", "--kernel", k]);
     assert!(
-        unknown.stdout.starts_with("console=ttyS0 ")
+        unknown
+            .stdout
+            .starts_with("earlycon=uart8250,io,0x3f8 console=ttyS0 ")
             && unknown
                 .stdout
                 .trim_end()
@@ -778,5 +780,41 @@ fn console_log_fifo_without_a_reader_fails_at_once() {
         &format!("mux:stdio,file={}", fifo.display()),
     ]);
     assert_error(&o, 1, "is a FIFO with no reader; start its reader first");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// `microvm run` with bad input: no program, a program that does not exist, `--initrd`
+/// (the initramfs is built), modules missing from `--modules`; one line each, 2 for
+/// usage errors and 1 for the missing module (the host's files).
+#[test]
+fn run_subcommand_bad_input() {
+    let d = tmpdir("run");
+    let k = d.join("kernel");
+    std::fs::write(&k, vec![0x5a; 4096]).unwrap();
+    let k = k.to_str().unwrap();
+    let o = microvm(&["run", "--kernel", k]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let o = microvm(&["run", "--kernel", k, "--", "/nonexistent/prog"]);
+    assert_error(&o, 2, "microvm run: program /nonexistent/prog not found");
+    let o = microvm(&["run", "--kernel", k, "--initrd", k, "--", "sh"]);
+    assert_error(&o, 2, "microvm run builds its own initramfs; drop --initrd");
+    let empty = d.join("modules");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = microvm(&[
+        "run",
+        "--kernel",
+        k,
+        "--modules",
+        empty.to_str().unwrap(),
+        "--",
+        "sh",
+    ]);
+    assert_error(
+        &o,
+        1,
+        "microvm run: module virtio_mmio not found under --modules",
+    );
+    let o = microvm(&["run", "--kernel", k, "--vcpus", "0", "--", "sh"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
     let _ = std::fs::remove_dir_all(d);
 }

@@ -1445,6 +1445,37 @@ fn send_after_types_each_text_once_its_pattern_appeared() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(source["bytes_in"], 8, "{j}");
+    assert_eq!(j["send_after"]["done"], 2, "{j}");
+    // A step whose pattern never comes: the timeout says which one it waited for.
+    let r = run_with(
+        "send-after-stuck",
+        &print_then("login: ", &SPIN),
+        b"",
+        &[
+            "--send-after",
+            "login: ",
+            "x",
+            "--send-after",
+            "Password: ",
+            "y",
+            "--timeout",
+            "2s",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.status, 124, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            r#"microvm: --send-after: 1 of 2 steps done; still waiting for "Password: ""#
+        ),
+        "{}",
+        r.stderr
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(j["send_after"]["steps"], 2, "{j}");
+    assert_eq!(j["send_after"]["done"], 1, "{j}");
     std::fs::remove_dir_all(d).unwrap();
 }
 

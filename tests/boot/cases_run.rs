@@ -132,6 +132,11 @@ fn console_naive_init_on_the_default_line(ctx: &Ctx) -> Result<(), String> {
                 return Err(vm.fail(&format!("{name}: {marker} {n} times, not once")));
             }
         }
+        // The kernel's own log once too: its banner (from earlycon) and a message it
+        // printed after virtio_console (and so hvc0) came up.
+        if count(&bytes, "Linux version") != 1 {
+            return Err(vm.fail(&format!("{name}: the kernel banner is not there once")));
+        }
         if contains(&bytes, b"unable to open an initial console") {
             return Err(vm.fail(&format!("{name}: the kernel had no console for init")));
         }
