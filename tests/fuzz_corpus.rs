@@ -75,7 +75,9 @@ fn console_spec_corpus() {
     );
     assert!(matches!(s("escaped_path"), spec::Outcome::Parsed(_)));
     assert!(matches!(s("tcp_v4_v6"), spec::Outcome::Parsed(_)));
+    assert!(matches!(s("tcp_tls_tokens"), spec::Outcome::Parsed(_)));
     for refused in [
+        "tcp_without_auth",
         "ring_zero",
         "two_stdio",
         "unknown",
@@ -130,7 +132,7 @@ fn spec_text() -> impl Strategy<Value = String> {
         "ring(=[0-9]{1,4}[kKmMgG]?)?",
         "file=[a-z/.\\\\,:]{0,12}(:rotate=[0-9]{1,3}[KM]?)?(:keep=[0-9]{1,4})?(:timestamps|:ts)?",
         "sock(=[a-z/.\\\\,:]{0,12})?(:ro)?(:single-writer|:sw)?(:max-clients=[0-9]{1,4})?(:queue=[0-9]{1,3}K)?(:mode=0?[0-7]{1,4})?",
-        "tcp=(127\\.0\\.0\\.1|\\[::1\\]|localhost|[0-9.]{1,9}):[0-9]{1,6}(:ro)?",
+        "tcp=(127\\.0\\.0\\.1|\\[::1\\]|localhost|[0-9.]{1,9}):[0-9]{1,6}(:ro)?(:insecure|:token-file=[a-z/]{1,6}|:viewer-token-file=[a-z]{1,4})?(:tls-cert=[a-z]{1,3}:tls-key=[a-z]{1,3})?(:tls-client-ca=[a-z]{0,3})?",
         ".{0,12}",
     ];
     (

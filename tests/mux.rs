@@ -415,7 +415,7 @@ fn tcp_listener_and_file_log() {
     let d = tmpdir("tcp");
     let log = d.join("console.log");
     let vm = Vm::start(&format!(
-        "mux:tcp=127.0.0.1:0,file={}:timestamps",
+        "mux:tcp=127.0.0.1:0:insecure,file={}:timestamps",
         log.display()
     ));
     let addr = vm.hub.lock().unwrap().tcp_addrs()[0];

@@ -26,7 +26,9 @@
 //! | `fanout` | sinks, their queues and policies: WHERE A BYTE FANS OUT (`Hub::emit` calls it) |
 //! | `input` | serialization of input, the terminal's reserve, back-pressure |
 //! | `endpoint` | a backend's two halves, and the policy table |
-//! | `listener` | socket admission, idle clients, single-writer arbitration |
+//! | `listener` | socket admission (authentication, pending connections), idle clients, single-writer arbitration |
+//! | `auth` | tokens and the judgement of a client's first bytes (the console protocol) |
+//! | `tls` | TLS (rustls) configurations and the non-blocking TLS stream |
 //! | `escape` | the Ctrl-A keys |
 //! | `ring` | the output ring: history and every client's backlog |
 //! | `stats` | counters for `--report` and memory figures |
@@ -35,6 +37,7 @@
 //! | `term`, `attach`, `backend/` | the terminal, `microvm attach`, the ports |
 
 pub mod attach;
+pub mod auth;
 pub mod backend;
 mod endpoint;
 pub mod escape;
@@ -48,6 +51,7 @@ pub mod spec;
 mod stats;
 pub mod term;
 mod timer;
+pub mod tls;
 mod writer;
 
 #[cfg(test)]
