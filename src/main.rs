@@ -18,9 +18,9 @@ fn main() {
     let started = Instant::now();
     microvm::logging::init();
     let cli = Cli::parse();
-    if let Some(Command::Attach { socket, read_only }) = cli.command {
+    if let Some(Command::Attach(a)) = cli.command {
         microvm::signals::install_for_client();
-        let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
+        let code = microvm::mux::attach(&a.options()).unwrap_or_else(|e| {
             final_line(&e.to_string());
             EXIT_RUNTIME_ERROR
         });

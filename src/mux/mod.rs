@@ -57,7 +57,7 @@ mod writer;
 #[cfg(test)]
 mod props;
 
-pub use attach::attach;
+pub use attach::{AttachOptions, attach};
 pub use backend::BackendError;
 pub use fanout::{CHUNK_COST, NOTICE_MAX};
 pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
@@ -69,7 +69,6 @@ pub use term::TermError;
 pub use writer::HubWriter;
 
 use std::io;
-use std::path::PathBuf;
 
 /// Errors of the console multiplexer.
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +95,25 @@ pub enum MuxError {
     #[error(transparent)]
     FdBudget(#[from] FdBudgetError),
     /// `attach` could not connect.
-    #[error("cannot connect to console socket '{path}': {source}")]
+    #[error("cannot connect to console '{target}': {source}")]
     Connect {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or `tcp://HOST:PORT`.
+        target: String,
         /// The OS error.
         source: io::Error,
     },
+    /// `attach` options that do not fit together.
+    #[error("microvm attach: {0}")]
+    AttachUsage(&'static str),
+    /// The console refused `attach` (its message), or never answered.
+    #[error("console refused the connection: {0}")]
+    Refused(String),
+    /// A token file cannot be used.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// `attach` relay failed.
     #[error("console attach: {0}")]
     Attach(io::Error),
