@@ -4,7 +4,7 @@
 //! TARGET is a unix socket path or `tcp://HOST:PORT`. With `--ca CERT` the connection is
 //! TLS (the server's certificate must chain to CERT and name HOST); `--cert`/`--key`
 //! present a client certificate. With `--token-file F` the first line sent is
-//! `token SECRET` (the console protocol, `auth.rs`). On an authenticated console the
+//! `token SECRET` (the console protocol, `auth.rs`). On a token or TLS console the
 //! server's first line says the role (`microvm: ok writer` / `ok viewer`) or why it
 //! refused (then attach prints it and exits 1); it is not relayed.
 //!
@@ -220,7 +220,8 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
         outbound.extend_from_slice(t.expose());
         outbound.push(b'\n');
     }
-    let mut greeting = (token.is_some() || opts.cert.is_some()).then(|| Greeting {
+    // A token or TLS console answers with its first line (the role, or why not).
+    let mut greeting = (token.is_some() || opts.ca.is_some()).then(|| Greeting {
         line: Vec::new(),
         deadline: Instant::now() + GREETING_TIMEOUT,
     });

@@ -115,6 +115,8 @@ const LINGER: Duration = Duration::from_secs(1);
 pub(crate) struct Admission {
     pub tokens: Tokens,
     pub tls: Option<Arc<ServerConfig>>,
+    /// TLS clients must present a certificate the listener's CA signed.
+    pub client_certs: bool,
 }
 
 impl Admission {
@@ -134,7 +136,16 @@ impl Admission {
                 );
             }
         }
-        Ok(Admission { tokens, tls })
+        let client_certs = spec
+            .auth
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        Ok(Admission {
+            tokens,
+            tls,
+            client_certs,
+        })
     }
 
     /// New connections must prove who they are before they become clients.
@@ -205,8 +216,9 @@ impl Pending {
                 Err(_) => return Step::Close,
             }
             if !adm.tokens.required() {
-                // Client certificates are the proof (rustls verified the chain).
-                return if self.stream.peer_verified() {
+                // The client certificate is the proof (rustls verified its chain), or
+                // the listener is insecure.
+                return if !adm.client_certs || self.stream.peer_verified() {
                     Step::Admit(ClientRole::Writer)
                 } else {
                     Step::Close
