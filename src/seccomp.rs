@@ -269,6 +269,8 @@ pub fn event_loop_rules(pid: libc::pid_t) -> Rules {
         libc::SYS_setsockopt,
         // A refused console connection: its write side is shut after the reply.
         libc::SYS_shutdown,
+        // rustls sends TLS records with one vectored write.
+        libc::SYS_writev,
         // Log files: open/create, rotate, sync; socket files: remove. The older and the
         // *at forms of each are listed as libc picks one or the other.
         libc::SYS_open,
