@@ -248,16 +248,46 @@ pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError
             path: path.to_path_buf(),
         });
     }
-    let listen_err = |source: io::Error| BackendError::Listen {
-        addr: path.display().to_string(),
-        source,
+    let not_a_socket = |m: std::fs::Metadata| {
+        (!m.file_type().is_socket()).then(|| BackendError::NotASocket(path.to_path_buf()))
     };
+    // Anything but a socket (a file, a planted link) is refused before any file of ours
+    // appears beside it.
+    if let Some(e) = std::fs::symlink_metadata(path).ok().and_then(not_a_socket) {
+        return Err(e);
+    }
     // Held until shutdown: a second microvm on this name stops here, before it could
     // take a live socket for a stale one.
     let lock = PathLock::acquire(path).map_err(|e| match e {
         FilesError::Locked { .. } => BackendError::SocketInUse(path.to_path_buf()),
         other => BackendError::Files(other),
     })?;
+    bind_locked(path, mode, lock)
+}
+
+/// [`bind_unix`] once the name's lock is ours (released again on failure).
+fn bind_locked(path: &Path, mode: u32, lock: PathLock) -> Result<Listener, BackendError> {
+    let fail = |e: BackendError| {
+        lock.release();
+        Err(e)
+    };
+    match listen_locked(path, mode) {
+        Ok((l, id)) => Ok(Listener::Unix {
+            l,
+            path: path.to_path_buf(),
+            id,
+            lock,
+        }),
+        Err(e) => fail(e),
+    }
+}
+
+fn listen_locked(path: &Path, mode: u32) -> Result<(UnixListener, (u64, u64)), BackendError> {
+    let bytes = path.as_os_str().as_bytes();
+    let listen_err = |source: io::Error| BackendError::Listen {
+        addr: path.display().to_string(),
+        source,
+    };
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(BackendError::NotASocket(path.to_path_buf()));
@@ -322,12 +352,7 @@ pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError
             path.display()
         );
     }
-    Ok(Listener::Unix {
-        l: UnixListener::from(owned),
-        path: path.to_path_buf(),
-        id: (m.dev(), m.ino()),
-        lock,
-    })
+    Ok((UnixListener::from(owned), (m.dev(), m.ino())))
 }
 
 /// Bind a TCP listener (who may connect is the listener's admission's business).
