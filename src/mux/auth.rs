@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 
 use super::spec::AuthSpec;
 
+pub mod fuzzing;
+
 /// Shortest token accepted (printable ASCII, so about 6 bits a byte).
 pub const MIN_TOKEN: usize = 16;
 /// Longest token accepted.
@@ -293,6 +295,18 @@ pub enum Greeting {
     Admit(ClientRole),
     /// Refused.
     Refuse(Refusal),
+}
+
+/// How many of the bytes `available` (what the socket has now) belong to a first line
+/// of which `have` bytes were taken already: up to and including the first newline, and
+/// never past [`MAX_LINE`] in all. The rest is not read: it is the client's input once
+/// it is admitted.
+pub fn line_part(have: usize, available: &[u8]) -> usize {
+    let room = MAX_LINE.saturating_sub(have).min(available.len());
+    available[..room]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(room, |i| i + 1)
 }
 
 /// Judges `sent`, everything a client sent so far (up to and including its first

@@ -235,10 +235,7 @@ impl Pending {
                 plain => match plain.peek(&mut buf[..room]) {
                     Ok(0) => Ok(0),
                     Ok(n) => {
-                        let take = buf[..n]
-                            .iter()
-                            .position(|&b| b == b'\n')
-                            .map_or(n, |i| i + 1);
+                        let take = auth::line_part(self.line.len(), &buf[..n]);
                         plain.read(&mut buf[..take])
                     }
                     Err(e) => Err(e),
