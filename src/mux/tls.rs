@@ -323,3 +323,61 @@ impl TlsStream {
         self.conn.peer_certificates().is_some_and(|c| !c.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mvtls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let d = tmpdir();
+        let garbage = d.join("garbage.pem");
+        std::fs::write(&garbage, b"not a certificate\n").unwrap();
+        let missing = d.join("missing.pem");
+        let e = load_certs("tls-cert", &missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot read tls-cert") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let e = load_certs("tls-cert", &garbage).unwrap_err().to_string();
+        assert!(e.contains("holds no CERTIFICATE"), "{e}");
+        let e = load_key("tls-key", &garbage).unwrap_err().to_string();
+        assert!(e.contains("holds no PRIVATE KEY"), "{e}");
+
+        // A certificate with somebody else's key.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let (c, k) = (d.join("c.pem"), d.join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, other.serialize_pem()).unwrap();
+        let spec = TlsSpec {
+            cert: c.clone(),
+            key: k.clone(),
+            client_ca: None,
+        };
+        let e = server_config(&spec).unwrap_err().to_string();
+        assert!(e.contains("tls-cert and tls-key"), "{e}");
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        assert!(server_config(&spec).is_ok());
+        // A client CA file that holds no certificate.
+        let e = server_config(&TlsSpec {
+            client_ca: Some(garbage),
+            ..spec
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls-client-ca"), "{e}");
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -31,6 +31,8 @@ type CaseFn = fn(&Ctx) -> Result<(), String>;
 mod cases_boot;
 mod cases_ci;
 mod cases_console;
+#[path = "../common/pki.rs"]
+mod pki;
 #[path = "../common/pty.rs"]
 mod pty;
 
