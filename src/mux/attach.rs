@@ -289,15 +289,8 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
             if conn.push().is_err() {
                 return Ok(0);
             }
-            if !outbound.is_empty() {
-                match conn.write(&outbound) {
-                    Ok(n) => {
-                        outbound.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Ok(0),
-                }
+            if !send(&mut conn, &mut outbound) {
+                return Ok(0);
             }
         }
         if sock_ev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
@@ -385,17 +378,27 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
                 say("\r\n[microvm attach: detached]");
                 return Ok(0);
             }
-            if !outbound.is_empty() {
-                match conn.write(&outbound) {
-                    Ok(n) => {
-                        outbound.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Ok(0),
-                }
+            if !send(&mut conn, &mut outbound) {
+                return Ok(0);
             }
         }
+    }
+}
+
+/// Sends what it can of `outbound` now; false when the connection is gone.
+fn send(conn: &mut Conn, outbound: &mut Vec<u8>) -> bool {
+    if outbound.is_empty() {
+        return true;
+    }
+    match conn.write(outbound) {
+        Ok(n) => {
+            outbound.drain(..n);
+            true
+        }
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
     }
 }
 

@@ -240,6 +240,17 @@ impl TlsStream {
         Ok(())
     }
 
+    /// Processes the records read, then sends what that produced: handshake messages,
+    /// or the alert that says why the peer's records were refused (then an error).
+    fn process(&mut self) -> io::Result<()> {
+        let processed = self.conn.process_new_packets();
+        let pushed = self.push();
+        if let Err(e) = processed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        pushed
+    }
+
     /// Moves the handshake on with what the socket has, reading no plaintext:
     /// `Ok(true)` once it is over, `Ok(false)` while it waits for the peer. An error
     /// (a bad hello, a refused certificate, the peer gone) ends the connection; the
@@ -256,12 +267,7 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            let processed = self.conn.process_new_packets();
-            let pushed = self.push();
-            if let Err(e) = processed {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-            pushed?;
+            self.process()?;
         }
         self.push()?;
         Ok(true)
@@ -284,13 +290,7 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let processed = self.conn.process_new_packets();
-            // Handshake messages, or the alert that says why it failed.
-            let pushed = self.push();
-            if let Err(e) = processed {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-            }
-            pushed?;
+            self.process()?;
             if eof {
                 return match self.conn.reader().read(buf) {
                     Ok(n) => Ok(n),

@@ -443,8 +443,8 @@ fn console_terminal_size_and_escape(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// A console on the network only as the user would set it up: `tcp=` with a token and
-/// TLS. A stranger with a wrong token is refused and told so; `microvm attach
+/// A network console as the user would set it up: `tcp=` with a token and TLS. A
+/// stranger with a wrong token is refused and told so (attach exits 1); `microvm attach
 /// tcp://... --token-file --ca` drives the guest's shell (on hvc0) and powers it off.
 fn console_tls_token_shell(ctx: &Ctx) -> Result<(), String> {
     let dir = Scratch::new("tls")?;
@@ -464,26 +464,38 @@ fn console_tls_token_shell(ctx: &Ctx) -> Result<(), String> {
     let deadline = vm.deadline;
     vm.wait_for(SHELL_MARK)?;
 
-    // A stranger: plain TCP, a guessed token.
-    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", port))
-        .map_err(|e| vm.fail(&format!("connecting to the tcp console: {e}")))?;
-    let _ = stranger.set_read_timeout(Some(ctx.timeout));
-    let mut told = String::new();
-    let _ = stranger
-        .write_all(b"token guessed-0123456789abcdef\necho pwned\n")
-        .and_then(|_| std::io::Read::read_to_string(&mut stranger, &mut told));
-    if !told.contains("wrong token") {
-        return Err(vm.fail(&format!("a wrong token was told {told:?}")));
+    // A stranger with a guessed token, through the same client: refused, told why.
+    let guessed = pki::token(&dir.path(""), "guessed.token", "guessed-0123456789abcdef")?;
+    let attach_cmd = |token: &std::path::Path| {
+        let mut c = Command::new(&ctx.bin);
+        c.args(["attach", &format!("tcp://127.0.0.1:{port}"), "--token-file"])
+            .arg(token)
+            .arg("--ca")
+            .arg(&certs.ca)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut stranger = attach_cmd(&guessed)
+        .spawn()
+        .map_err(|e| vm.fail(&format!("cannot start microvm attach: {e}")))?;
+    if let Some(mut i) = stranger.stdin.take() {
+        let _ = i.write_all(b"echo pwned\n");
+    }
+    let told = stranger
+        .wait_with_output()
+        .map_err(|e| format!("waiting for microvm attach: {e}"))?;
+    let err = String::from_utf8_lossy(&told.stderr);
+    if told.status.code() != Some(1) || !err.contains("wrong token") || !told.stdout.is_empty() {
+        return Err(vm.fail(&format!(
+            "a wrong token: attach exited {}, said {err:?}, relayed {} bytes",
+            told.status,
+            told.stdout.len()
+        )));
     }
 
-    let mut attach = Command::new(&ctx.bin)
-        .args(["attach", &format!("tcp://127.0.0.1:{port}"), "--token-file"])
-        .arg(&token)
-        .arg("--ca")
-        .arg(&certs.ca)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut attach = attach_cmd(&token)
         .spawn()
         .map_err(|e| vm.fail(&format!("cannot start microvm attach: {e}")))?;
     let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
