@@ -260,7 +260,7 @@ impl Pending {
 
     /// Tells it why, shuts our side, and drains it for [`LINGER`].
     fn refuse(&mut self, r: Refusal, now: Instant) {
-        let _ = self.stream.write(r.reply().as_bytes());
+        let _ = self.stream.write_first(r.reply().as_bytes());
         self.stream.finish();
         self.closing = true;
         self.deadline = self.deadline.min(now + LINGER);
@@ -286,7 +286,7 @@ impl Pending {
         if self.closing || self.stream.handshaking() {
             return None;
         }
-        let _ = self.stream.write(Refusal::Timeout.reply().as_bytes());
+        let _ = self.stream.write_first(Refusal::Timeout.reply().as_bytes());
         self.stream.finish();
         Some(Refusal::Timeout)
     }

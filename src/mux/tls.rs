@@ -312,6 +312,17 @@ impl TlsStream {
         Ok(n)
     }
 
+    /// Takes a short line whole (at most one TLS record), whatever waits for the socket
+    /// already: what a fresh connection is told first.
+    pub fn write_line(&mut self, line: &[u8]) -> io::Result<usize> {
+        let n = self
+            .conn
+            .writer()
+            .write(&line[..line.len().min(MAX_WRITE)])?;
+        self.push()?;
+        Ok(n)
+    }
+
     /// Says goodbye (close_notify), best effort.
     pub fn close(&mut self) {
         self.conn.send_close_notify();

@@ -87,6 +87,12 @@ pub(crate) trait Port: Send {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// Writes a short line a fresh connection gets before anything else (the console's
+    /// `ok` line, a busy notice): taken whole even while earlier TLS records still wait
+    /// for the socket.
+    fn write_first(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.write(line)
+    }
     /// The port holds output of its own (TLS ciphertext) waiting for its fd to be
     /// writable.
     fn buffered(&self) -> bool {

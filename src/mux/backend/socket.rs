@@ -197,6 +197,13 @@ impl Port for Stream {
         Some(self.raw())
     }
 
+    fn write_first(&mut self, line: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tls(t) => t.write_line(line),
+            _ => self.write(line),
+        }
+    }
+
     fn buffered(&self) -> bool {
         matches!(self, Stream::Tls(t) if t.buffered())
     }

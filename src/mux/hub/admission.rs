@@ -162,13 +162,12 @@ impl Hub {
         };
         if l.clients >= l.spec.max_clients && !self.evict_idle_client(i, now) {
             let l = &mut self.listeners[i];
-            let _ = port.write(busy_message(l.clients, l.spec.max_clients).as_bytes());
+            let _ = port.write_first(busy_message(l.clients, l.spec.max_clients).as_bytes());
             l.refused += 1;
             return;
         }
         if let Some(role) = role {
-            // A fresh connection: its socket (or rustls) takes one line whole.
-            let _ = port.write(role.ok_line().as_bytes());
+            let _ = port.write_first(role.ok_line().as_bytes());
         }
         let l = &mut self.listeners[i];
         let no = l.admit();
