@@ -16,13 +16,15 @@
 
 use super::MuxError;
 use super::auth::{self, Secret};
+use super::backend::Port;
+use super::backend::socket::Stream;
 use super::escape::{EscapeAction, EscapeKeys, EscapeParser};
 use super::term::{self, RawMode};
 use super::tls::{self, TlsStream};
 use crate::logging::one_line;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,57 +49,6 @@ pub struct AttachOptions {
     pub cert: Option<PathBuf>,
     /// ... with this key.
     pub key: Option<PathBuf>,
-}
-
-/// A connection to a console.
-enum Conn {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-    Tls(Box<TlsStream>),
-}
-
-impl Conn {
-    fn fd(&self) -> RawFd {
-        match self {
-            Conn::Unix(s) => s.as_raw_fd(),
-            Conn::Tcp(s) => s.as_raw_fd(),
-            Conn::Tls(t) => t.fd(),
-        }
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.read(buf),
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Tls(t) => t.read(buf),
-        }
-    }
-
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Unix(s) => s.write(buf),
-            Conn::Tcp(s) => s.write(buf),
-            Conn::Tls(t) => t.write(buf),
-        }
-    }
-
-    /// TLS bytes wait for the socket.
-    fn buffered(&self) -> bool {
-        matches!(self, Conn::Tls(t) if t.buffered())
-    }
-
-    fn push(&mut self) -> io::Result<()> {
-        match self {
-            Conn::Tls(t) => t.push(),
-            _ => Ok(()),
-        }
-    }
-
-    fn close(&mut self) {
-        if let Conn::Tls(t) = self {
-            t.close();
-        }
-    }
 }
 
 fn write_all_fd(fd: i32, mut data: &[u8]) -> io::Result<()> {
@@ -146,7 +97,7 @@ fn parse_tcp_target(target: &str) -> Option<(String, u16)> {
 }
 
 /// Connects to `opts.target` (TLS when `opts.ca`), non-blocking.
-fn connect(opts: &AttachOptions) -> Result<Conn, MuxError> {
+fn connect(opts: &AttachOptions) -> Result<Stream, MuxError> {
     let connect_err = |source| MuxError::Connect {
         target: opts.target.clone(),
         source,
@@ -159,7 +110,7 @@ fn connect(opts: &AttachOptions) -> Result<Conn, MuxError> {
         }
         let s = UnixStream::connect(&opts.target).map_err(connect_err)?;
         s.set_nonblocking(true).map_err(MuxError::Attach)?;
-        return Ok(Conn::Unix(s));
+        return Ok(Stream::Unix(s));
     }
     let (host, port) =
         parse_tcp_target(&opts.target).ok_or(MuxError::AttachUsage("expected tcp://HOST:PORT"))?;
@@ -182,7 +133,7 @@ fn connect(opts: &AttachOptions) -> Result<Conn, MuxError> {
     sock.set_nonblocking(true).map_err(MuxError::Attach)?;
     let _ = sock.set_nodelay(true);
     let Some(ca) = &opts.ca else {
-        return Ok(Conn::Tcp(sock));
+        return Ok(Stream::Tcp(sock));
     };
     let identity = match (&opts.cert, &opts.key) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
@@ -190,7 +141,7 @@ fn connect(opts: &AttachOptions) -> Result<Conn, MuxError> {
         _ => return Err(MuxError::AttachUsage("--cert and --key go together")),
     };
     let cfg = tls::client_config(ca, identity)?;
-    Ok(Conn::Tls(Box::new(TlsStream::client(sock, cfg, &host)?)))
+    Ok(Stream::Tls(Box::new(TlsStream::client(sock, cfg, &host)?)))
 }
 
 /// Connect to a console and relay stdin/stdout until detach or until the VM closes the
@@ -249,7 +200,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
             Some(g) => {
                 let left = g.deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    conn.close();
+                    conn.finish();
                     return Err(MuxError::Refused(
                         "no answer from the console in time".into(),
                     ));
@@ -270,7 +221,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
                 revents: 0,
             },
             libc::pollfd {
-                fd: conn.fd(),
+                fd: conn.fd().unwrap_or(-1),
                 events: libc::POLLIN | if want_out { libc::POLLOUT } else { 0 },
                 revents: 0,
             },
@@ -286,7 +237,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
         }
         let sock_ev = fds[1].revents;
         if sock_ev & libc::POLLOUT != 0 {
-            if conn.push().is_err() {
+            if conn.push_buffered().is_err() {
                 return Ok(0);
             }
             if !send(&mut conn, &mut outbound) {
@@ -323,7 +274,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
                             }
                             let line = String::from_utf8_lossy(&g.line).trim_end().to_string();
                             let Some(role) = line.strip_prefix("microvm: ok ") else {
-                                conn.close();
+                                conn.finish();
                                 return Err(MuxError::Refused(one_line(&line)));
                             };
                             read_only |= role == "viewer";
@@ -374,7 +325,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
             if acts.contains(&EscapeAction::Detach) {
                 // Send what was typed before the detach key, best effort.
                 let _ = conn.write(&outbound);
-                conn.close();
+                conn.finish();
                 say("\r\n[microvm attach: detached]");
                 return Ok(0);
             }
@@ -386,7 +337,7 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
 }
 
 /// Sends what it can of `outbound` now; false when the connection is gone.
-fn send(conn: &mut Conn, outbound: &mut Vec<u8>) -> bool {
+fn send(conn: &mut Stream, outbound: &mut Vec<u8>) -> bool {
     if outbound.is_empty() {
         return true;
     }
