@@ -6,7 +6,7 @@ set -euo pipefail
 LOG_TAG=deps
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-pkgs=(qemu-system-x86 busybox-static cpio socat kmod xz-utils zstd gzip make libxml2-utils python3-pip)
+pkgs=(qemu-system-x86 busybox-static cpio socat kmod xz-utils zstd gzip make libxml2-utils python3-pip openssl curl)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

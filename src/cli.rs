@@ -17,7 +17,10 @@ Examples:
     microvm --kernel bzImage --initrd initrd.gz --vcpus 2 --memory 1G --cmdline loglevel=7
   Console on the terminal and on a unix socket others can attach to:
     microvm --kernel bzImage --initrd initrd.gz --console mux:sock,stdio
-    microvm attach /tmp/microvm-<pid>.sock
+    microvm attach $XDG_RUNTIME_DIR/microvm/microvm-<pid>.sock   (the path is printed)
+  The same over the network, TLS and a token (head -c 24 /dev/urandom | base64 > vm.token):
+    microvm ... --console mux:stdio,tcp=0.0.0.0:4444:token-file=vm.token:tls-cert=c.pem:tls-key=k.pem
+    microvm attach tcp://HOST:4444 --token-file vm.token --ca ca.pem
 
   A CI test: pass when the guest prints ALL PASSED, fail on a panic or after 5 minutes,
   keep the log and a JSON report (the guest may also exit with a code, see below):
@@ -67,14 +70,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach this terminal to a running VM's console socket.
-    Attach {
-        /// The console socket (from `--console sock=PATH`).
-        socket: PathBuf,
-        /// Watch only: what you type is not sent to the guest.
-        #[arg(long)]
-        read_only: bool,
-    },
+    /// Attach this terminal to a running VM's console (a unix socket or tcp://HOST:PORT).
+    Attach(AttachArgs),
     /// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
     /// program, its shared libraries, busybox, --include'd files, the console's modules
     /// from --modules), runs PROGRAM ARGS as the guest's workload with its output on the
@@ -104,6 +101,42 @@ pub struct RunCommand {
     /// The program (a path, or a name looked up in PATH) and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     pub program: Vec<String>,
+}
+
+/// `microvm attach` options.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The console: a unix socket path (`--console sock=PATH`) or tcp://HOST:PORT.
+    pub target: String,
+    /// Watch only: what you type is not sent to the guest.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Send the secret in FILE first (the console's token-file or viewer-token-file).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Speak TLS and trust the server certificate only if signed by CERT (PEM).
+    #[arg(long, value_name = "CERT")]
+    pub ca: Option<PathBuf>,
+    /// TLS client certificate (PEM), for a console with tls-client-ca.
+    #[arg(long, value_name = "CERT", requires_all = ["ca", "key"])]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl AttachArgs {
+    /// What to attach to, and how.
+    pub fn options(&self) -> crate::mux::AttachOptions {
+        crate::mux::AttachOptions {
+            target: self.target.clone(),
+            read_only: self.read_only,
+            token_file: self.token_file.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
 }
 
 /// Options for booting a VM.
@@ -402,11 +435,32 @@ mod tests {
         let cli = parse(&["attach", "/tmp/s.sock", "--read-only"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Attach {
+            Some(Command::Attach(AttachArgs {
                 read_only: true,
                 ..
-            })
+            }))
         ));
+        let cli = parse(&[
+            "attach",
+            "tcp://127.0.0.1:1",
+            "--token-file",
+            "t",
+            "--ca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+        ])
+        .unwrap();
+        let Some(Command::Attach(a)) = cli.command else {
+            panic!("not attach");
+        };
+        let o = a.options();
+        assert_eq!(o.target, "tcp://127.0.0.1:1");
+        assert!(o.token_file.is_some() && o.ca.is_some() && o.key.is_some());
+        assert!(parse(&["attach", "tcp://h:1", "--cert", "c"]).is_err());
+        assert!(parse(&["attach", "tcp://h:1", "--key", "k"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod console_checks;
 pub mod devices;
 pub mod exit;
+pub mod files;
 mod fuzz_input;
 pub mod initramfs;
 pub mod junit;

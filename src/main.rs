@@ -20,9 +20,9 @@ fn main() {
     microvm::logging::init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Attach { socket, read_only }) => {
+        Some(Command::Attach(a)) => {
             microvm::signals::install_for_client();
-            let code = microvm::mux::attach(&socket, read_only).unwrap_or_else(|e| {
+            let code = microvm::mux::attach(&a.options()).unwrap_or_else(|e| {
                 final_line(&e.to_string());
                 EXIT_RUNTIME_ERROR
             });

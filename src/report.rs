@@ -18,7 +18,8 @@
 //!       "frontends": [ { "name": "hvc0", "bytes_out": 4000, "bytes_in": 12 } ],
 //!       "backends": [ { "name": "stdout", "bytes_out": 5120, "dropped": 0, "bytes_in": 12, "state": "open" } ],
 //!       "sockets": [ { "name": "/tmp/vm.sock", "clients_seen": 2, "clients_now": 0,
-//!                      "clients_cut_off": 1, "clients_refused": 0, "bytes_out": 9000, "bytes_in": 0 } ] } ],
+//!                      "clients_cut_off": 1, "clients_refused": 0,
+//!                      "clients_unauthenticated": 0, "bytes_out": 9000, "bytes_in": 0 } ] } ],
 //!   "tests": { "tests": 3, "failures": 1, "errors": 0, "skipped": 1, "dropped": 0,
 //!       "suites": [ { "name": "ktap/example", "plan": 3, "cases": [
 //!           { "name": "example_simple_test", "result": "pass", "message": "" } ] } ] }
@@ -28,7 +29,6 @@
 //! given and the VM ran; `result` is `pass`, `fail`, `skip`, `todo` or `error`.
 //! ```
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -175,6 +175,10 @@ fn hub_json(name: &str, s: &HubStats) -> Json {
                             ("clients_now", Json::int(l.clients_now as u64)),
                             ("clients_cut_off", Json::int(l.clients_cut_off)),
                             ("clients_refused", Json::int(l.clients_refused)),
+                            (
+                                "clients_unauthenticated",
+                                Json::int(l.clients_unauthenticated),
+                            ),
                             ("bytes_out", Json::int(l.bytes_out)),
                             ("bytes_in", Json::int(l.bytes_in)),
                         ])
@@ -303,25 +307,21 @@ pub fn render(
     out
 }
 
-/// Writes `text` to `path` (given as `--{option}`) atomically: a temporary file beside
-/// it, synced, then renamed, so a reader never sees half a report.
+/// Writes `text` to `path` (given as `--{option}`) atomically (`files::write_atomic`: a
+/// fresh temporary file beside it with an unpredictable name, mode 0600, synced, then
+/// renamed), so a reader never sees half a file and a planted link is replaced, never
+/// written through.
 pub fn write_atomic(option: &'static str, path: &Path, text: &str) -> Result<(), ReportError> {
-    let err = |source| ReportError {
+    let what = if option == "junit" {
+        "--junit"
+    } else {
+        "--report"
+    };
+    crate::files::write_atomic(path, text.as_bytes(), what).map_err(|e| ReportError {
         option,
         path: path.display().to_string(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "report".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map_err(err)
+        source: e.into_io(),
+    })
 }
 
 /// The last `n` lines of `stream`, as text (control characters other than tab removed,

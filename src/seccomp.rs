@@ -267,6 +267,12 @@ pub fn event_loop_rules(pid: libc::pid_t) -> Rules {
         libc::SYS_sendto,
         libc::SYS_getsockname,
         libc::SYS_setsockopt,
+        // A refused console connection: its write side is shut after the reply.
+        libc::SYS_shutdown,
+        // rustls sends TLS records with one vectored write.
+        libc::SYS_writev,
+        // A reopened (rotated) log is checked for another owner (files::open_append).
+        libc::SYS_geteuid,
         // Log files: open/create, rotate, sync; socket files: remove. The older and the
         // *at forms of each are listed as libc picks one or the other.
         libc::SYS_open,
@@ -467,6 +473,7 @@ const SYSCALL_NAMES: &[(i64, &str)] = &[
     (libc::SYS_pwrite64, "pwrite64"),
     (libc::SYS_readv, "readv"),
     (libc::SYS_writev, "writev"),
+    (libc::SYS_geteuid, "geteuid"),
     (libc::SYS_access, "access"),
     (libc::SYS_pipe, "pipe"),
     (libc::SYS_select, "select"),

@@ -320,6 +320,12 @@ fn bad_console_specs_are_usage_errors() {
         ("--console", "sock:max-clients=0", "max-clients=0"),
         ("--console", "sock:mode=999", "mode=999"),
         ("--console", "tcp=nowhere:1", "bad tcp address"),
+        (
+            "--console",
+            "mux:stdio,tcp=127.0.0.1:4444",
+            "a tcp console needs authentication",
+        ),
+        ("--console", "sock:insecure", "insecure is for tcp"),
         ("--console", &long, "is too long (125 bytes, at most 107)"),
         // Control characters are shown escaped: still one line.
         (

@@ -2,13 +2,16 @@
 //! artifacts left by `scripts/fuzz.sh`), checks that the seeds do what they are named
 //! after, then feeds random inputs through proptest. The harnesses live in the library
 //! (`microvm::devices::virtio::fuzzing`, `microvm::devices::uart::fuzzing`,
-//! `microvm::mux::spec::fuzzing`, `microvm::mux::hub::fuzzing`) and panic when a property
+//! `microvm::mux::spec::fuzzing`, `microvm::mux::hub::fuzzing`,
+//! `microvm::mux::auth::fuzzing`) and panic when a property
 //! fails; `scripts/fuzz.sh` runs the real fuzzer (cargo-fuzz) for a bounded time.
 
 use std::path::{Path, PathBuf};
 
 use microvm::devices::uart::fuzzing as uart;
 use microvm::devices::virtio::fuzzing::run;
+use microvm::mux::auth::fuzzing as greeting;
+use microvm::mux::auth::{ClientRole, Greeting, Refusal};
 use microvm::mux::hub::fuzzing as hub_input;
 use microvm::mux::spec::fuzzing as spec;
 use proptest::prelude::*;
@@ -91,7 +94,9 @@ fn console_spec_corpus() {
     );
     assert!(matches!(s("escaped_path"), spec::Outcome::Parsed(_)));
     assert!(matches!(s("tcp_v4_v6"), spec::Outcome::Parsed(_)));
+    assert!(matches!(s("tcp_tls_tokens"), spec::Outcome::Parsed(_)));
     for refused in [
+        "tcp_without_auth",
         "ring_zero",
         "two_stdio",
         "unknown",
@@ -139,6 +144,25 @@ fn hub_input_corpus() {
     assert_eq!(h("backpressure").delivered.len(), 255 * 2 + 5);
 }
 
+#[test]
+fn console_greeting_corpus() {
+    replay("console_greeting", 5, |d| {
+        greeting::run(d);
+    });
+    let g = |n: &str| greeting::run(&seed("console_greeting", n)).verdict;
+    assert_eq!(g("writer_token"), Greeting::Admit(ClientRole::Writer));
+    assert_eq!(g("viewer_token_split"), Greeting::Admit(ClientRole::Viewer));
+    assert_eq!(g("wrong_token"), Greeting::Refuse(Refusal::WrongToken));
+    assert_eq!(g("http_post"), Greeting::Refuse(Refusal::Http));
+    assert_eq!(g("tls_hello"), Greeting::Refuse(Refusal::Tls));
+    assert_eq!(g("not_protocol"), Greeting::Refuse(Refusal::NotProtocol));
+    assert_eq!(g("too_long"), Greeting::Refuse(Refusal::TooLong));
+    assert_eq!(g("unfinished"), Greeting::NeedMore);
+    // The token line is taken, what follows it is not.
+    let w = greeting::run(&seed("console_greeting", "writer_token"));
+    assert_eq!(w.taken, "token fuzz-writer-token-0123\n".len());
+}
+
 /// A console spec built from pieces of the grammar, so that random specs often parse.
 fn spec_text() -> impl Strategy<Value = String> {
     let item = prop_oneof![
@@ -146,7 +170,7 @@ fn spec_text() -> impl Strategy<Value = String> {
         "ring(=[0-9]{1,4}[kKmMgG]?)?",
         "file=[a-z/.\\\\,:]{0,12}(:rotate=[0-9]{1,3}[KM]?)?(:keep=[0-9]{1,4})?(:timestamps|:ts)?",
         "sock(=[a-z/.\\\\,:]{0,12})?(:ro)?(:single-writer|:sw)?(:max-clients=[0-9]{1,4})?(:queue=[0-9]{1,3}K)?(:mode=0?[0-7]{1,4})?",
-        "tcp=(127\\.0\\.0\\.1|\\[::1\\]|localhost|[0-9.]{1,9}):[0-9]{1,6}(:ro)?",
+        "tcp=(127\\.0\\.0\\.1|\\[::1\\]|localhost|[0-9.]{1,9}):[0-9]{1,6}(:ro)?(:insecure|:token-file=[a-z/]{1,6}|:viewer-token-file=[a-z]{1,4})?(:tls-cert=[a-z]{1,3}:tls-key=[a-z]{1,3})?(:tls-client-ca=[a-z]{0,3})?",
         ".{0,12}",
     ];
     (
@@ -213,6 +237,40 @@ proptest! {
     #[test]
     fn random_uart_sessions(data in proptest::collection::vec(any::<u8>(), 0..1024)) {
         uart::run(&data);
+    }
+
+    #[test]
+    fn random_console_greetings(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        greeting::run(&data);
+    }
+
+    /// Token lines with the right, a near or a wrong secret, split anywhere.
+    #[test]
+    fn random_token_lines(
+        pick in 0u8..4,
+        secret in prop_oneof![
+            Just(b"fuzz-writer-token-0123".to_vec()),
+            Just(b"fuzz-viewer-token-4567".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ],
+        cr in any::<bool>(),
+        cuts in proptest::collection::vec(1u8..30, 0..8),
+    ) {
+        let mut line = b"token ".to_vec();
+        line.extend_from_slice(&secret);
+        if cr {
+            line.push(b'\r');
+        }
+        line.extend_from_slice(b"\nafter");
+        let mut d = vec![pick];
+        let mut rest = &line[..];
+        for c in cuts.iter().chain(std::iter::once(&255)) {
+            let (a, b) = rest.split_at(usize::from(*c).min(rest.len()));
+            d.push(a.len() as u8);
+            d.extend_from_slice(a);
+            rest = b;
+        }
+        greeting::run(&d);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! (PVM included: it runs real-mode code). They drive the real UART, bus, vCPU loop,
 //! event loop and ACPI power-off path.
 
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "common/pty.rs"]
 mod pty;
 
@@ -505,16 +507,29 @@ impl Vmm {
         stdout: Stdio,
         collect_stdout: bool,
     ) -> Vmm {
+        Vmm::spawn(name, guest, args, stdin, stdout, collect_stdout, |_| {})
+    }
+
+    /// [`Vmm::start_with`], after `prepare` changed the command (environment, umask).
+    fn spawn(
+        name: &str,
+        guest: &[u8],
+        args: &[&str],
+        stdin: Stdio,
+        stdout: Stdio,
+        collect_stdout: bool,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Vmm {
         let img = image(name, guest);
-        let mut child = Command::new(MICROVM)
-            .arg("--real-mode-image")
+        let mut cmd = Command::new(MICROVM);
+        cmd.arg("--real-mode-image")
             .arg(&img)
             .args(args)
             .stdin(stdin)
             .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        prepare(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
         if collect_stdout && let Some(o) = child.stdout.take() {
@@ -1518,4 +1533,301 @@ fn an_ordinary_kernel_on_a_pvm_host_is_refused_in_one_line() {
         );
         assert!(!stderr.contains("is PVM"), "{stderr}");
     }
+}
+
+// ---- who may type into the guest (docs/SECURITY.md's threat model) -----------------------
+
+/// A free loopback port (bound and released: another process could take it meanwhile,
+/// which would fail the test loudly, not pass it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to a TCP console once it listens.
+fn tcp_connect(port: u16) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                return s;
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot connect to port {port}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// The whole path, seccomp filters on: a TLS console with tokens on the event loop; a
+/// silent connection and an HTTP POST meanwhile; `microvm attach` over TLS drives the
+/// echo guest, which powers off on `q`.
+#[test]
+fn tls_token_console_under_seccomp_with_attach() {
+    let d = scratch("tls-console");
+    let p = pki::Pki::make(&d).unwrap();
+    let token = pki::token(&d, "vm.token", "kvm-tiny-secret-0123456789").unwrap();
+    let port = free_port();
+    let spec = format!(
+        "mux:stdio,tcp=127.0.0.1:{port}:token-file={}:tls-cert={}:tls-key={}",
+        token.display(),
+        p.server_cert.display(),
+        p.server_key.display()
+    );
+    let mut vm = Vmm::start(
+        "tls-console",
+        &echo_guest(),
+        &["--console", &spec],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    let silent = tcp_connect(port);
+    let curl = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "20",
+            "-X",
+            "POST",
+            "--data-binary",
+            "echo pwned",
+        ])
+        .arg(format!("https://127.0.0.1:{port}/"))
+        .arg("--cacert")
+        .arg(&p.ca)
+        .output()
+        .expect("curl (scripts/deps.sh installs it)");
+    let body = String::from_utf8_lossy(&curl.stdout);
+    assert!(
+        body.contains("not a web server"),
+        "curl over TLS got {body:?}, {}; microvm: {}",
+        String::from_utf8_lossy(&curl.stderr),
+        vm.stderr()
+    );
+    let mut attach = Command::new(MICROVM)
+        .args(["attach", &format!("tcp://127.0.0.1:{port}"), "--token-file"])
+        .arg(&token)
+        .arg("--ca")
+        .arg(&p.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let attached = Arc::new(Mutex::new(Vec::new()));
+    collect(attach.stdout.take().unwrap(), attached.clone());
+    let mut input = attach.stdin.take().unwrap();
+    input.write_all(b"hello over tls").unwrap();
+    vm.wait_for("the echo", |v| v.stdout_has(b"hello over tls"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&attached.lock().unwrap()).contains("hello over tls") {
+        assert!(Instant::now() < deadline, "attach got no echo");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    input.write_all(b"q").unwrap();
+    let st = vm.wait();
+    assert_eq!(st.code(), Some(0), "stderr {}", vm.stderr());
+    assert!(
+        vm.stderr().contains("an HTTP request"),
+        "the refusal is logged: {}",
+        vm.stderr()
+    );
+    assert!(attach.wait().unwrap().success());
+    assert_eq!(
+        String::from_utf8_lossy(&attached.lock().unwrap()),
+        "hello over tlsq",
+        "attach relays the console only"
+    );
+    drop(silent);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// The report of a run with `--console mux:stdio,sock` (default path).
+fn run_default_socket(runtime: &std::path::Path, report: &std::path::Path) -> Vmm {
+    let runtime = runtime.to_path_buf();
+    Vmm::spawn(
+        "default-sock",
+        &echo_guest(),
+        &[
+            "--console",
+            "mux:stdio,sock",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        Stdio::piped(),
+        Stdio::piped(),
+        true,
+        move |c| {
+            c.env("XDG_RUNTIME_DIR", runtime);
+        },
+    )
+}
+
+#[test]
+fn default_socket_lives_in_a_private_runtime_dir_never_a_shared_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = scratch("runtime");
+    // A directory anyone may write (like /tmp): microvm makes its own private one in it.
+    let shared = d.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let report = d.join("r.json");
+    let mut vm = run_default_socket(&shared, &report);
+    vm.wait_for("the socket's path", |v| {
+        v.stderr().contains("console socket: ")
+    });
+    let err = vm.stderr();
+    let path = err
+        .lines()
+        .find_map(|l| l.split("console socket: ").nth(1))
+        .unwrap()
+        .trim()
+        .to_string();
+    let private = shared.join("microvm");
+    assert!(path.starts_with(private.to_str().unwrap()), "{path}");
+    let m = std::fs::symlink_metadata(&private).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.permissions().mode() & 0o777, 0o700);
+    assert!(std::path::Path::new(&format!("{path}.lock")).exists());
+    let mut c = connect(std::path::Path::new(&path));
+    c.write_all(b"q").unwrap();
+    assert_eq!(vm.wait().code(), Some(0), "stderr {}", vm.stderr());
+    let j = std::fs::read_to_string(&report).unwrap();
+    assert!(j.contains(&format!("\"name\": \"{path}\"")), "{j}");
+    assert!(!std::path::Path::new(&path).exists());
+    assert!(!std::path::Path::new(&format!("{path}.lock")).exists());
+
+    // That directory opened up to others, or replaced by a link: refused, nothing bound.
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut vm = run_default_socket(&shared, &report);
+    assert_eq!(vm.wait().code(), Some(1), "stderr {}", vm.stderr());
+    let err = vm.stderr();
+    assert_eq!(lines(&err).len(), 1, "{err}");
+    assert!(err.contains("has mode 0777"), "{err}");
+    assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+    std::fs::remove_dir(&private).unwrap();
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &private).unwrap();
+    let mut vm = run_default_socket(&shared, &report);
+    assert_eq!(vm.wait().code(), Some(1), "stderr {}", vm.stderr());
+    assert!(
+        vm.stderr().contains("is a symbolic link"),
+        "{}",
+        vm.stderr()
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// In the child, before exec: umask 000, and a symlink to `victim` at `prefix` + the
+/// child's own pid (where microvm used to put its report's temporary file). No
+/// allocation between fork and exec: the path is built in a stack buffer.
+fn plant_in_child(cmd: &mut Command, victim: &std::path::Path, prefix: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let victim = std::ffi::CString::new(victim.as_os_str().as_bytes()).unwrap();
+    let prefix = prefix.as_os_str().as_bytes().to_vec();
+    assert!(prefix.len() < 200);
+    // SAFETY: the closure only calls async-signal-safe functions (getpid, umask,
+    // symlink) on stack buffers and data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(0);
+            let mut buf = [0u8; 256];
+            buf[..prefix.len()].copy_from_slice(&prefix);
+            let mut n = prefix.len();
+            let mut digits = [0u8; 12];
+            let mut pid = libc::getpid() as u32;
+            let mut k = digits.len();
+            loop {
+                k -= 1;
+                digits[k] = b'0' + (pid % 10) as u8;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            for &b in &digits[k..] {
+                buf[n] = b;
+                n += 1;
+            }
+            libc::symlink(victim.as_ptr(), buf.as_ptr().cast());
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn planted_symlinks_change_nothing_outside_microvms_files() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let d = scratch("symlinks");
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The report itself and its old predictable temporary name are links to the victim;
+    // the umask is 000.
+    let report = d.join("r.json");
+    symlink(&victim, &report).unwrap();
+    let mut vm = Vmm::spawn(
+        "symlink-report",
+        &hello_guest("hi\n"),
+        &["--report", report.to_str().unwrap()],
+        Stdio::null(),
+        Stdio::piped(),
+        true,
+        |c| plant_in_child(c, &victim, &d.join(".r.json.tmp-")),
+    );
+    assert_eq!(vm.wait().code(), Some(0), "stderr {}", vm.stderr());
+    let m = std::fs::symlink_metadata(&report).unwrap();
+    assert!(m.is_file(), "the link was replaced by the report");
+    assert_eq!(
+        m.permissions().mode() & 0o777,
+        0o600,
+        "0600 under umask 000"
+    );
+    assert!(
+        std::fs::read_to_string(&report)
+            .unwrap()
+            .contains("\"exit\"")
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // A link at a log path or a socket path: refused with one line, the victim untouched.
+    for (spec, told) in [
+        (
+            format!("mux:stdio,file={}", d.join("log").display()),
+            "is a symbolic link",
+        ),
+        (
+            format!("mux:stdio,sock={}", d.join("c.sock").display()),
+            "is not a socket",
+        ),
+    ] {
+        let _ = std::fs::remove_file(d.join("log"));
+        let _ = std::fs::remove_file(d.join("c.sock"));
+        symlink(&victim, d.join("log")).unwrap();
+        symlink(&victim, d.join("c.sock")).unwrap();
+        let r = run_with(
+            "symlink-log",
+            &hello_guest("hi\n"),
+            b"",
+            &["--console", &spec],
+        );
+        assert_eq!(r.status, 1, "{spec}: {}", r.stderr);
+        assert_eq!(lines(&r.stderr).len(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains(told), "{}", r.stderr);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let m = std::fs::metadata(&victim).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o644);
+    }
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -1,175 +1,23 @@
 //! Integration tests of the console hub: a real `Hub`, real unix/TCP sockets in temp dirs,
 //! driven by a real `event_manager::EventManager` loop on a thread. No KVM.
 
+#[path = "common/hub.rs"]
+mod hub;
 #[path = "common/pty.rs"]
 mod pty;
 
-use event_manager::{EventManager, SubscriberOps};
-use microvm::mux::{ConsoleSpec, FrontendInput, Hub, HubConfig, HubWriter};
+use hub::{TIMEOUT, Vm, connect, pattern, read_n, tmpdir, wait_until};
+
+use microvm::mux::{ConsoleSpec, Hub, HubConfig};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mvmux-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// A UART-like frontend: 64-byte FIFO, drained by a "guest" thread that signals an eventfd.
-struct MockUart {
-    st: Arc<Mutex<UartState>>,
-    evt: EventFd,
-}
-
-#[derive(Default)]
-struct UartState {
-    fifo: Vec<u8>,
-    received: Vec<u8>,
-}
-
-impl FrontendInput for MockUart {
-    fn accept(&mut self, data: &[u8]) -> usize {
-        let mut s = self.st.lock().unwrap();
-        let n = data.len().min(64 - s.fifo.len());
-        s.fifo.extend_from_slice(&data[..n]);
-        n
-    }
-    fn drained_fd(&self) -> RawFd {
-        self.evt.as_raw_fd()
-    }
-    fn ack_drained(&mut self) {
-        let _ = self.evt.read();
-    }
-}
-
-struct Vm {
-    hub: Arc<Mutex<Hub>>,
-    writer: HubWriter,
-    uart: Arc<Mutex<UartState>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    exit: EventFd,
-}
-
-impl Vm {
-    fn start(spec: &str) -> Vm {
-        Vm::start_with(spec, HubConfig::default())
-    }
-
-    fn start_with(spec: &str, cfg: HubConfig) -> Vm {
-        let spec: ConsoleSpec = spec.parse().unwrap();
-        let exit = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut hub = Hub::with_config(&spec, exit.try_clone().unwrap(), cfg).unwrap();
-        let uart = Arc::new(Mutex::new(UartState::default()));
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let guest_evt = evt.try_clone().unwrap();
-        let writer = hub
-            .add_frontend(
-                "ttyS0",
-                Box::new(MockUart {
-                    st: uart.clone(),
-                    evt,
-                }),
-            )
-            .unwrap();
-        let hub = Arc::new(Mutex::new(hub));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        {
-            let hub = hub.clone();
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                let mut em = EventManager::<Arc<Mutex<Hub>>>::new().unwrap();
-                em.add_subscriber(hub);
-                while !stop.load(Ordering::Acquire) {
-                    em.run_with_timeout(20).unwrap();
-                }
-            }));
-        }
-        {
-            // The guest: drains the FIFO now and then, like a driver reading RBR.
-            let uart = uart.clone();
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    {
-                        let mut s = uart.lock().unwrap();
-                        if !s.fifo.is_empty() {
-                            let f = std::mem::take(&mut s.fifo);
-                            s.received.extend_from_slice(&f);
-                            guest_evt.write(1).unwrap();
-                        }
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            }));
-        }
-        Vm {
-            hub,
-            writer,
-            uart,
-            stop,
-            threads,
-            exit,
-        }
-    }
-
-    fn clients(&self) -> usize {
-        self.hub.lock().unwrap().clients()
-    }
-
-    fn stop(mut self) -> Arc<Mutex<Hub>> {
-        self.stop.store(true, Ordering::Release);
-        for t in self.threads.drain(..) {
-            t.join().unwrap();
-        }
-        self.hub.lock().unwrap().shutdown();
-        self.hub.clone()
-    }
-}
-
-fn connect(p: &Path) -> UnixStream {
-    let s = UnixStream::connect(p).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s
-}
-
-fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
-    let mut v = vec![0; n];
-    s.read_exact(&mut v).unwrap();
-    v
-}
-
-fn pattern(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
 
 #[test]
 fn clients_see_the_same_stream() {
@@ -415,7 +263,7 @@ fn tcp_listener_and_file_log() {
     let d = tmpdir("tcp");
     let log = d.join("console.log");
     let vm = Vm::start(&format!(
-        "mux:tcp=127.0.0.1:0,file={}:timestamps",
+        "mux:tcp=127.0.0.1:0:insecure,file={}:timestamps",
         log.display()
     ));
     let addr = vm.hub.lock().unwrap().tcp_addrs()[0];
@@ -450,9 +298,11 @@ fn attach_relays_both_ways() {
         assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
         assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
     }
-    let p2 = p.clone();
-    let t =
-        std::thread::spawn(move || microvm::mux::attach::attach_fds(&p2, false, inp[0], out[1]));
+    let opts = microvm::mux::AttachOptions {
+        target: p.display().to_string(),
+        ..Default::default()
+    };
+    let t = std::thread::spawn(move || microvm::mux::attach::attach_fds(&opts, inp[0], out[1]));
     wait_until("attached", || vm.clients() == 1);
     // SAFETY: writing to our pipe's write end.
     unsafe { libc::write(inp[1], b"typed".as_ptr().cast(), 5) };

@@ -75,8 +75,9 @@ pub(crate) enum Role<'a> {
     Stdin { tty: bool },
     /// A `file=` log; `regular` when it is a regular file (not a FIFO or device).
     Log { regular: bool },
-    /// A client of a socket listener with this spec.
-    Client(&'a SockSpec),
+    /// A client of a socket listener with this spec; `viewer` when it proved a viewer's
+    /// token.
+    Client { spec: &'a SockSpec, viewer: bool },
     /// Input microvm itself types (`--send-after`).
     Script,
 }
@@ -107,7 +108,7 @@ pub(crate) struct Plan {
 /// | stdin | - | escape keys on a tty, else to the guest |
 /// | `file=` regular file | lossless, paces the guest | - |
 /// | `file=` FIFO or device | drop and count | - |
-/// | socket client | cut off when more than max(queue, history) behind | viewer (`ro`), contender (`single-writer`), or to the guest |
+/// | socket client | cut off when more than max(queue, history) behind | viewer (`ro`, or a viewer's token), contender (`single-writer`), or to the guest |
 /// | `--send-after` script | - | to the guest |
 pub(crate) fn plan(role: Role<'_>, limits: &Limits) -> Plan {
     match role {
@@ -135,9 +136,9 @@ pub(crate) fn plan(role: Role<'_>, limits: &Limits) -> Plan {
             sink: None,
             input: Some(InputMode::Guest),
         },
-        Role::Client(spec) => Plan {
+        Role::Client { spec, viewer } => Plan {
             sink: Some((Policy::CutOff, spec.queue.max(limits.history))),
-            input: Some(if spec.read_only {
+            input: Some(if spec.read_only || viewer {
                 InputMode::Viewer
             } else if spec.single_writer {
                 InputMode::Contender(EscapeParser::new(EscapeKeys::TakeOver))
@@ -289,8 +290,15 @@ impl Endpoint {
         }
     }
 
-    /// Writes what its sink has pending until the port would block.
+    /// Writes what its port holds of its own (TLS ciphertext), then what its sink has
+    /// pending, until the port would block.
     pub(crate) fn flush(&mut self, ring: &ByteRing) {
+        if self.sink.is_some()
+            && self.port.buffered()
+            && let Err(e) = self.port.push_buffered()
+        {
+            return self.gone(Gone::Failed(e));
+        }
         let Some(sink) = self.sink.as_mut() else {
             return;
         };
@@ -311,8 +319,12 @@ impl Endpoint {
         self.flush(ring);
     }
 
+    /// Output it has yet to write: its sink's backlog, plus one when its port holds
+    /// bytes of its own (TLS ciphertext waiting for the socket).
     pub(crate) fn pending(&self, ring: &ByteRing) -> usize {
-        self.sink.as_ref().map_or(0, |s| s.pending(ring))
+        self.sink
+            .as_ref()
+            .map_or(0, |s| s.pending(ring) + usize::from(self.port.buffered()))
     }
 
     /// Reads into `buf`; marks end of input.

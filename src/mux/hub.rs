@@ -12,6 +12,7 @@
 //! | `Timer` | an idle deadline or the end of an accept back-off | `expire_idle`, listeners |
 //! | `Frontend(i)` | the guest drained frontend `i`'s input | `frontend.rs` (more input is fed) |
 //! | `Listener(i)` | a client connects | `listener.rs` (admission) |
+//! | `Pending(id)` | a connection proving who it is sent something | `listener.rs` (TLS handshake, token line) |
 //! | `Endpoint(id)` | a backend is readable or writable | its sink (`fanout.rs`), its source -> `input.rs` |
 //!
 //! After every event, [`Hub::settle`] feeds held input to the target frontend, removes
@@ -34,6 +35,7 @@ use event_manager::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::MuxError;
+use super::backend::BackendError;
 use super::backend::file::{FilePort, LineStamper};
 use super::backend::socket::{self, Listener};
 use super::backend::stdio::{StdinPort, StdoutPort};
@@ -41,7 +43,7 @@ use super::endpoint::{Endpoint, Limits, Owner, Role, plan};
 use super::fanout::Policy;
 use super::frontend::{FrontendInput, Frontends, MAX_FRONTENDS};
 use super::input::InputQueue;
-use super::listener::ListenerState;
+use super::listener::{Admission, ListenerState, Pending};
 use super::ring::ByteRing;
 use super::spec::{BackendSpec, ConsoleSpec, Listen};
 use super::stats::{BackendStats, HubStats, MemoryUse};
@@ -83,6 +85,9 @@ pub struct HubConfig {
     pub read_chunk: usize,
     /// A full listener lets a new client in by closing one idle at least this long.
     pub evict_idle: Duration,
+    /// How long a new connection to an authenticated listener has to finish its TLS
+    /// handshake and send its token line.
+    pub handshake_timeout: Duration,
     /// How long `shutdown` waits for a terminal that takes none of the rest of the output.
     pub shutdown_idle: Duration,
     /// How long `shutdown` waits for a socket client that takes none of it.
@@ -101,6 +106,7 @@ impl Default for HubConfig {
             history: super::spec::DEFAULT_RING_SIZE,
             read_chunk: 4096,
             evict_idle: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             shutdown_idle: Duration::from_secs(2),
             shutdown_client_idle: Duration::from_secs(1),
             shutdown_limit: Duration::from_secs(5),
@@ -127,6 +133,9 @@ pub struct Hub {
     input: InputQueue,
     endpoints: BTreeMap<u32, Endpoint>,
     listeners: Vec<ListenerState>,
+    /// Connections still proving who they are, by id.
+    pending: BTreeMap<u32, Pending>,
+    next_pending: u32,
     /// The stdout endpoint, for notices meant for the VMM's terminal only.
     stdout: Option<u32>,
     timer: Timer,
@@ -199,6 +208,8 @@ impl Hub {
             frontends: Frontends::default(),
             endpoints: BTreeMap::new(),
             listeners: Vec::new(),
+            pending: BTreeMap::new(),
+            next_pending: 0,
             stdout: None,
             timer,
             next_id: 0,
@@ -260,10 +271,12 @@ impl Hub {
                 Ok(())
             }
             BackendSpec::Sock(s) => {
+                // Tokens and certificates first: a bad one leaves no socket behind.
+                let admission = Admission::load(s)?;
                 let sock = match &s.listen {
                     Listen::Unix(Some(p)) => socket::bind_unix(p, s.mode)?,
                     Listen::Unix(None) => {
-                        let p = socket::default_socket_path();
+                        let p = socket::default_socket_path().map_err(BackendError::Files)?;
                         let l = socket::bind_unix(&p, s.mode)?;
                         log::info!("console socket: {}", p.display());
                         l
@@ -272,7 +285,8 @@ impl Hub {
                 };
                 // Every client may fall this far behind: the ring keeps that much.
                 self.ring.grow_to(s.queue.max(self.history));
-                self.listeners.push(ListenerState::new(sock, s.clone()));
+                self.listeners
+                    .push(ListenerState::new(sock, s.clone(), admission));
                 Ok(())
             }
         }
@@ -482,10 +496,12 @@ impl Hub {
             Some(Token::Timer) => {
                 self.timer.ack();
                 self.expire_idle(Instant::now());
+                self.expire_pending(Instant::now(), reg);
             }
             Some(Token::Frontend(i)) => self.frontends.ack_drained(i),
-            Some(Token::Listener(i)) => self.accept(i),
+            Some(Token::Listener(i)) => self.accept(i, reg),
             Some(Token::Endpoint(id)) => self.endpoint_event(id, set),
+            Some(Token::Pending(id)) => self.handshake(id, reg),
             None => {}
         }
         self.settle(reg);
@@ -506,6 +522,7 @@ impl Hub {
             self.sync(id, reg);
         }
         self.sweep(reg);
+        self.sync_pending(reg);
         self.sync_listeners(reg);
         self.update_congestion();
         self.arm_timer();

@@ -13,19 +13,35 @@
 //! * The process's open-file limit is checked at start against every listener's
 //!   `max-clients` ([`check_fd_budget`]).
 //!
+//! Authentication (`token-file`, `viewer-token-file`, TLS): a new connection is first a
+//! [`Pending`] admission, not a client: it has a deadline
+//! ([`crate::mux::HubConfig::handshake_timeout`]), counts against a small limit of its
+//! own ([`MAX_PENDING`] per listener; when full, the oldest pending one is dropped, so
+//! silent connections cannot lock real clients out), and gets nothing of the console.
+//! Each readiness event moves it on without blocking: the TLS handshake, then the token
+//! line (`auth.rs` judges it). Proven, it becomes a client with its role (writer or
+//! viewer); refused, it is told why (`auth::Refusal::reply`), its write side is shut and
+//! what it still sends is drained and dropped for a moment (so the reply is not lost to
+//! a reset), then it is closed. Nothing it sent reaches the guest.
+//!
 //! Arbitration (`single-writer`): the first client to type holds the keyboard; another
 //! takes it with Ctrl-A w, and every client of the listener is told. A non-holder's
 //! other input is read and dropped, and it is told once why.
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backend::Port;
-use super::backend::socket::Listener;
+use rustls::ServerConfig;
+
+use super::auth::{self, ClientRole, Greeting, Refusal, Tokens};
+use super::backend::socket::{Listener, Stream};
+use super::backend::{BackendError, Port};
 use super::endpoint::{InputMode, Source};
 use super::escape::EscapeAction;
-use super::spec::SockSpec;
+use super::spec::{Listen, SockSpec};
 use super::stats::ListenerStats;
+use super::tls;
 
 /// File descriptors microvm needs besides socket clients (KVM, vCPUs, eventfds, epoll,
 /// stdio, logs, listeners), with room to spare.
@@ -90,10 +106,196 @@ pub fn check_fd_budget(clients: u64) -> Result<(), FdBudgetError> {
     })
 }
 
+/// Most connections per listener waiting to prove who they are.
+pub const MAX_PENDING: usize = 8;
+/// How long a refused connection is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How a listener lets clients in: its tokens and TLS, read at start.
+pub(crate) struct Admission {
+    pub tokens: Tokens,
+    pub tls: Option<Arc<ServerConfig>>,
+    /// TLS clients must present a certificate the listener's CA signed.
+    pub client_certs: bool,
+}
+
+impl Admission {
+    /// Reads the token files and TLS files `spec` names, and says on stderr what a
+    /// listener without authentication lets in.
+    pub(crate) fn load(spec: &SockSpec) -> Result<Admission, BackendError> {
+        let tokens = Tokens::load(&spec.auth)?;
+        let tls = spec.auth.tls.as_ref().map(tls::server_config).transpose()?;
+        if let Listen::Tcp(addr) = spec.listen {
+            if spec.auth.insecure {
+                log::warn!(
+                    "warning: console on tcp {addr} is insecure: anyone who can connect to it may type into the guest"
+                );
+            } else if tls.is_none() && !addr.ip().is_loopback() {
+                log::warn!(
+                    "warning: console on tcp {addr} is reachable from the network without TLS: tokens and the console cross it in clear (add tls-cert and tls-key)"
+                );
+            }
+        }
+        let client_certs = spec
+            .auth
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        Ok(Admission {
+            tokens,
+            tls,
+            client_certs,
+        })
+    }
+
+    /// New connections must prove who they are before they become clients.
+    pub(crate) fn needed(&self) -> bool {
+        self.tokens.required() || self.tls.is_some()
+    }
+}
+
+/// A connection that has not proven who it is yet (see the module doc).
+pub(crate) struct Pending {
+    /// Its listener's index.
+    pub listener: usize,
+    pub stream: Stream,
+    /// Its address, for the log.
+    pub peer: String,
+    /// What it sent of its first line so far.
+    line: Vec<u8>,
+    pub opened: Instant,
+    pub deadline: Instant,
+    /// Refused: drained until it closes or the deadline.
+    pub closing: bool,
+    /// Interest registered with epoll.
+    pub reg: Option<event_manager::EventSet>,
+}
+
+/// What a step of a pending admission gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Waiting for the peer.
+    Wait,
+    /// Proven: a client with this role.
+    Admit(ClientRole),
+    /// Refused and told why; it lingers, draining, until closed.
+    Refused(Refusal),
+    /// Done: close it now.
+    Close,
+}
+
+impl Pending {
+    pub(crate) fn new(
+        listener: usize,
+        stream: Stream,
+        peer: String,
+        now: Instant,
+        timeout: Duration,
+    ) -> Pending {
+        Pending {
+            listener,
+            stream,
+            peer,
+            line: Vec::new(),
+            opened: now,
+            deadline: now + timeout,
+            closing: false,
+            reg: None,
+        }
+    }
+
+    /// Moves it on with what its socket has, never waiting.
+    pub(crate) fn step(&mut self, adm: &Admission, now: Instant) -> Step {
+        if self.closing {
+            return self.drain();
+        }
+        if let Stream::Tls(t) = &mut self.stream {
+            match t.handshake() {
+                Ok(true) => {}
+                Ok(false) => return Step::Wait,
+                Err(_) => return Step::Close,
+            }
+            if !adm.tokens.required() {
+                // The client certificate is the proof (rustls verified its chain), or
+                // the listener is insecure.
+                return if !adm.client_certs || self.stream.peer_verified() {
+                    Step::Admit(ClientRole::Writer)
+                } else {
+                    Step::Close
+                };
+            }
+        }
+        let mut buf = [0u8; auth::MAX_LINE];
+        loop {
+            let room = auth::MAX_LINE - self.line.len();
+            let got = match &mut self.stream {
+                // One byte at a time from rustls' buffer: what follows the line stays
+                // there for the client endpoint.
+                Stream::Tls(t) => t.read(&mut buf[..1]),
+                plain => match plain.peek(&mut buf[..room]) {
+                    Ok(0) => Ok(0),
+                    Ok(n) => {
+                        let take = auth::line_part(self.line.len(), &buf[..n]);
+                        plain.read(&mut buf[..take])
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match got {
+                Ok(0) => return Step::Close,
+                Ok(n) => self.line.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(_) => return Step::Close,
+            }
+            match auth::judge(&self.line, &adm.tokens) {
+                Greeting::NeedMore => {}
+                Greeting::Admit(role) => return Step::Admit(role),
+                Greeting::Refuse(r) => {
+                    self.refuse(r, now);
+                    return Step::Refused(r);
+                }
+            }
+        }
+    }
+
+    /// Tells it why, shuts our side, and drains it for [`LINGER`].
+    fn refuse(&mut self, r: Refusal, now: Instant) {
+        let _ = self.stream.write_first(r.reply().as_bytes());
+        self.stream.finish();
+        self.closing = true;
+        self.deadline = self.deadline.min(now + LINGER);
+    }
+
+    /// Reads and drops what a refused peer still sends; `Close` at its end.
+    fn drain(&mut self) -> Step {
+        let mut buf = [0u8; 4096];
+        for _ in 0..16 {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Step::Close,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+                Err(_) => return Step::Close,
+            }
+        }
+        Step::Wait
+    }
+
+    /// Its deadline passed: told so if it got as far as the token line; the refusal,
+    /// if any, for the log.
+    pub(crate) fn expire(&mut self) -> Option<Refusal> {
+        if self.closing || self.stream.handshaking() {
+            return None;
+        }
+        let _ = self.stream.write_first(Refusal::Timeout.reply().as_bytes());
+        self.stream.finish();
+        Some(Refusal::Timeout)
+    }
+}
+
 /// What an accept attempt gave.
 pub(crate) enum Accepted {
-    /// A new connection.
-    Client(Box<dyn Port>),
+    /// A new connection, and its peer's address.
+    Client(Stream, String),
     /// Nothing (more) pending, or accepting is paused.
     Done,
     /// This connection failed before it was ours; try the next.
@@ -104,6 +306,7 @@ pub(crate) enum Accepted {
 pub(crate) struct ListenerState {
     pub sock: Listener,
     pub spec: SockSpec,
+    pub admission: Admission,
     /// Live clients.
     pub clients: usize,
     /// The client holding the keyboard (single-writer), by endpoint token.
@@ -116,6 +319,8 @@ pub(crate) struct ListenerState {
     pub paused_until: Option<Instant>,
     backoff: Duration,
     pub refused: u64,
+    /// Connections refused or dropped before they proved who they are.
+    pub unauthenticated: u64,
     pub idle_closed: u64,
     pub accept_failures: u64,
     /// Traffic and cut-offs of clients already gone.
@@ -125,10 +330,12 @@ pub(crate) struct ListenerState {
 }
 
 impl ListenerState {
-    pub(crate) fn new(sock: Listener, spec: SockSpec) -> ListenerState {
+    pub(crate) fn new(sock: Listener, spec: SockSpec, admission: Admission) -> ListenerState {
         ListenerState {
             sock,
             spec,
+            admission,
+            unauthenticated: 0,
             clients: 0,
             holder: None,
             seen: 0,
@@ -162,9 +369,9 @@ impl ListenerState {
             return Accepted::Done;
         }
         match self.sock.accept() {
-            Ok(s) => {
+            Ok((s, peer)) => {
                 self.backoff = BACKOFF_MIN;
-                Accepted::Client(Box::new(s))
+                Accepted::Client(s, peer)
             }
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => Accepted::Done,
@@ -263,6 +470,7 @@ impl ListenerState {
             clients_now: self.clients,
             clients_cut_off: cut,
             clients_refused: self.refused,
+            clients_unauthenticated: self.unauthenticated,
             clients_idle_closed: self.idle_closed,
             accept_failures: self.accept_failures,
             bytes_out: written,

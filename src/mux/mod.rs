@@ -26,7 +26,9 @@
 //! | `fanout` | sinks, their queues and policies: WHERE A BYTE FANS OUT (`Hub::emit` calls it) |
 //! | `input` | serialization of input, the terminal's reserve, back-pressure |
 //! | `endpoint` | a backend's two halves, and the policy table |
-//! | `listener` | socket admission, idle clients, single-writer arbitration |
+//! | `listener` | socket admission (authentication, pending connections), idle clients, single-writer arbitration |
+//! | `auth` | tokens and the judgement of a client's first bytes (the console protocol) |
+//! | `tls` | TLS (rustls) configurations and the non-blocking TLS stream |
 //! | `escape` | the Ctrl-A keys |
 //! | `ring` | the output ring: history and every client's backlog |
 //! | `stats` | counters for `--report` and memory figures |
@@ -35,6 +37,7 @@
 //! | `term`, `attach`, `backend/` | the terminal, `microvm attach`, the ports |
 
 pub mod attach;
+pub mod auth;
 pub mod backend;
 mod endpoint;
 pub mod escape;
@@ -48,12 +51,13 @@ pub mod spec;
 mod stats;
 pub mod term;
 mod timer;
+pub mod tls;
 mod writer;
 
 #[cfg(test)]
 mod props;
 
-pub use attach::attach;
+pub use attach::{AttachOptions, attach};
 pub use backend::BackendError;
 pub use fanout::{CHUNK_COST, NOTICE_MAX};
 pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
@@ -65,7 +69,6 @@ pub use term::TermError;
 pub use writer::HubWriter;
 
 use std::io;
-use std::path::PathBuf;
 
 /// Errors of the console multiplexer.
 #[derive(Debug, thiserror::Error)]
@@ -92,13 +95,25 @@ pub enum MuxError {
     #[error(transparent)]
     FdBudget(#[from] FdBudgetError),
     /// `attach` could not connect.
-    #[error("cannot connect to console socket '{path}': {source}")]
+    #[error("cannot connect to console '{target}': {source}")]
     Connect {
-        /// The socket path.
-        path: PathBuf,
+        /// The socket path or `tcp://HOST:PORT`.
+        target: String,
         /// The OS error.
         source: io::Error,
     },
+    /// `attach` options that do not fit together.
+    #[error("microvm attach: {0}")]
+    AttachUsage(&'static str),
+    /// The console refused `attach` (its message), or never answered.
+    #[error("console refused the connection: {0}")]
+    Refused(String),
+    /// A token file cannot be used.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// `attach` relay failed.
     #[error("console attach: {0}")]
     Attach(io::Error),

@@ -37,6 +37,10 @@ pub const MAX_ROTATE: u64 = 1 << 40;
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub mod fuzzing;
+mod sock;
+
+use sock::apply_sock_opts;
+pub use sock::{AuthSpec, Listen, SockSpec, TlsSpec};
 
 /// Text for `--help`: the console spec grammar and each backend's policy.
 pub const CONSOLE_SPEC_HELP: &str = "\
@@ -64,11 +68,13 @@ Durations: seconds, or with ms, s, m, h suffix.
                        :timestamps   UTC time at the start of each line (this
                                      file only; other backends stay byte-exact)
   sock[=PATH]        unix socket server, mode 0600 (only this user may attach;
-                     see :mode). Without PATH:
-                     $XDG_RUNTIME_DIR/microvm-PID.sock or /tmp/microvm-PID.sock
-                     (printed on stderr). A stale socket is replaced; any other
-                     existing file is refused. Clients get the history, then
-                     live output; 'microvm attach PATH', socat or nc -U work.
+                     see :mode). Without PATH: microvm-PID.sock in a private
+                     directory, $XDG_RUNTIME_DIR/microvm/, /run/microvm/ (root)
+                     or /tmp/microvm-UID/ (0700, checked; printed on stderr and
+                     in --report). PATH.lock guards the name against a second
+                     microvm. A stale socket is replaced; any other existing
+                     file is refused. Clients get the history, then live
+                     output; 'microvm attach PATH', socat or nc -U work.
                      A client that stops reading is cut off when its queue
                      overflows; it never slows the guest or anyone else.
                      Options:
@@ -86,11 +92,30 @@ Durations: seconds, or with ms, s, m, h suffix.
                                        nor took output for that long
                        :mode=OCTAL     socket file permissions instead of 0600,
                                        e.g. mode=0660 lets the file's group attach
-                                       (exactly OCTAL: the umask is not applied)
-  tcp=ADDR:PORT      the same server on TCP, same options but :mode (warns when
-                     ADDR is not loopback: there is no authentication).
+                                       (exactly OCTAL: the umask is not applied;
+                                       wider than 0600 warns)
+                       :token-file=PATH
+                                       clients must first send the line
+                                       'token SECRET' with the secret in PATH
+                                       (at least 16 printable characters, mode
+                                       0600); they are told 'microvm: ok writer'
+                       :viewer-token-file=PATH
+                                       a second secret that may watch, never type
+  tcp=ADDR:PORT      the same server on TCP, same options but :mode. It needs an
+                     authentication method (token-file, viewer-token-file or
+                     tls-client-ca) or the word :insecure (then anyone who can
+                     connect may type into the guest; it warns). Anything that
+                     is not the protocol (an HTTP request, a TLS hello on a
+                     plain port) is refused before it reaches the guest.
+                       :tls-cert=PATH:tls-key=PATH
+                                       TLS 1.3 (PEM certificate chain and key)
+                       :tls-client-ca=PATH
+                                       clients need a certificate signed by
+                                       this CA ('microvm attach --cert --key')
+                       :insecure       no authentication (not recommended)
 
-Example: --console mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3";
+Example: --console mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3
+         --console mux:stdio,tcp=0.0.0.0:4444:token-file=vm.token:tls-cert=c.pem:tls-key=k.pem";
 
 pub use crate::logging::one_line;
 
@@ -188,6 +213,14 @@ pub enum SpecError {
         /// Its length in bytes.
         len: usize,
     },
+    /// Authentication options that do not fit together, or none on a tcp console.
+    #[error("'{}': {why}", one_line(part))]
+    Auth {
+        /// The backend item.
+        part: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A trailing lone backslash.
     #[error("dangling '\\' at the end of '{}'", one_line(.0))]
     DanglingEscape(String),
@@ -227,48 +260,6 @@ pub struct FileSpec {
     pub keep: u32,
     /// Prefix each line with a UTC timestamp.
     pub timestamps: bool,
-}
-
-/// Where a socket server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listen {
-    /// A unix stream socket; `None` picks a default path at start.
-    Unix(Option<PathBuf>),
-    /// A TCP listener.
-    Tcp(SocketAddr),
-}
-
-/// `sock[=PATH]` / `tcp=ADDR:PORT` and their options.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SockSpec {
-    /// Address.
-    pub listen: Listen,
-    /// Clients are viewers: their input is ignored.
-    pub read_only: bool,
-    /// One client holds the keyboard at a time.
-    pub single_writer: bool,
-    /// Simultaneous clients.
-    pub max_clients: usize,
-    /// Per-client output queue in bytes.
-    pub queue: usize,
-    /// Permissions of a unix socket file ([`DEFAULT_SOCKET_MODE`] unless asked).
-    pub mode: u32,
-    /// Disconnect a client idle this long (neither typing nor taking output).
-    pub idle_timeout: Option<Duration>,
-}
-
-impl SockSpec {
-    fn new(listen: Listen) -> Self {
-        SockSpec {
-            listen,
-            read_only: false,
-            single_writer: false,
-            max_clients: DEFAULT_MAX_CLIENTS,
-            queue: DEFAULT_CLIENT_QUEUE,
-            mode: DEFAULT_SOCKET_MODE,
-            idle_timeout: None,
-        }
-    }
 }
 
 impl ConsoleSpec {
@@ -534,59 +525,6 @@ fn no_opts(kind: &str, opts: &[&str]) -> Result<(), SpecError> {
     }
 }
 
-fn apply_sock_opts(
-    s: &mut SockSpec,
-    kind: &str,
-    opts: &[&str],
-    item: &str,
-) -> Result<(), SpecError> {
-    for o in opts {
-        let o = unescape(o, item)?;
-        let (name, v) = split_opt(&o);
-        match (name, v) {
-            ("ro", None) => s.read_only = true,
-            ("single-writer" | "sw", None) => s.single_writer = true,
-            ("max-clients", Some(v)) => {
-                s.max_clients = parse_count(kind, &o, v, MAX_CLIENTS)? as usize
-            }
-            ("queue", Some(v)) => s.queue = usize_size(item, v, "queue size", MAX_QUEUE)?,
-            ("idle-timeout", Some(v)) => {
-                s.idle_timeout = Some(
-                    units::parse_duration(v)
-                        .filter(|d| *d <= MAX_IDLE_TIMEOUT)
-                        .ok_or_else(|| SpecError::BadOption {
-                            kind: kind.into(),
-                            opt: o.clone(),
-                            why: "expected a duration from 1ms to 7 days, e.g. 10m",
-                        })?,
-                )
-            }
-            ("mode", Some(v)) => {
-                let bad = |why| SpecError::BadOption {
-                    kind: kind.into(),
-                    opt: o.clone(),
-                    why,
-                };
-                if matches!(s.listen, Listen::Tcp(_)) {
-                    return Err(bad("a tcp socket has no file mode"));
-                }
-                let digits = v.strip_prefix("0o").unwrap_or(v);
-                s.mode = match u32::from_str_radix(digits, 8) {
-                    Ok(m) if m <= 0o777 && !digits.starts_with('+') => m,
-                    _ => return Err(bad("expected octal permissions from 0 to 0777, e.g. 0660")),
-                };
-            }
-            _ => {
-                return Err(SpecError::UnknownOption {
-                    kind: kind.into(),
-                    opt: o.clone(),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 impl FromStr for ConsoleSpec {
     type Err = SpecError;
 
@@ -646,32 +584,7 @@ impl fmt::Display for BackendSpec {
                 }
                 Ok(())
             }
-            BackendSpec::Sock(s) => {
-                match &s.listen {
-                    Listen::Unix(None) => write!(f, "sock")?,
-                    Listen::Unix(Some(p)) => write!(f, "sock={}", escape(&p.to_string_lossy()))?,
-                    Listen::Tcp(a) => write!(f, "tcp={a}")?,
-                }
-                if s.read_only {
-                    write!(f, ":ro")?;
-                }
-                if s.single_writer {
-                    write!(f, ":single-writer")?;
-                }
-                if s.max_clients != DEFAULT_MAX_CLIENTS {
-                    write!(f, ":max-clients={}", s.max_clients)?;
-                }
-                if s.queue != DEFAULT_CLIENT_QUEUE {
-                    write!(f, ":queue={}", units::format_size(s.queue as u64))?;
-                }
-                if s.mode != DEFAULT_SOCKET_MODE {
-                    write!(f, ":mode={:04o}", s.mode)?;
-                }
-                if let Some(d) = s.idle_timeout {
-                    write!(f, ":idle-timeout={}", units::format_duration(d))?;
-                }
-                Ok(())
-            }
+            BackendSpec::Sock(s) => write!(f, "{s}"),
         }
     }
 }
@@ -769,7 +682,10 @@ mod tests {
 
     #[test]
     fn tcp_addresses() {
-        let s = p("mux:tcp=127.0.0.1:4444:ro,tcp=[::1]:5555,tcp=localhost:1").unwrap();
+        let s = p(
+            "mux:tcp=127.0.0.1:4444:ro:insecure,tcp=[::1]:5555:insecure,tcp=localhost:1:insecure",
+        )
+        .unwrap();
         let addrs: Vec<_> = s
             .backends
             .iter()
@@ -968,6 +884,54 @@ mod tests {
     }
 
     #[test]
+    fn tcp_needs_authentication_or_insecure() {
+        let auth = |s: &str| match &p(s).unwrap().backends[0] {
+            BackendSpec::Sock(k) => k.auth.clone(),
+            o => panic!("{o:?}"),
+        };
+        let e = p("tcp=127.0.0.1:1").unwrap_err().to_string();
+        assert!(
+            e.contains("needs authentication") && e.contains(":insecure"),
+            "{e}"
+        );
+        assert!(auth("tcp=127.0.0.1:1:insecure").insecure);
+        let a = auth("tcp=127.0.0.1:1:token-file=/k/t:viewer-token-file=v");
+        assert_eq!(a.token_file, Some(PathBuf::from("/k/t")));
+        assert_eq!(a.viewer_token_file, Some(PathBuf::from("v")));
+        let a = auth("tcp=127.0.0.1:1:tls-cert=c.pem:tls-key=k.pem:tls-client-ca=ca.pem");
+        let t = a.tls.unwrap();
+        assert_eq!(
+            (t.cert, t.key),
+            (PathBuf::from("c.pem"), PathBuf::from("k.pem"))
+        );
+        assert_eq!(t.client_ca, Some(PathBuf::from("ca.pem")));
+        // Unix sockets may use tokens; TLS and insecure are tcp words.
+        assert!(auth("sock=/s:token-file=t").token_file.is_some());
+        for (spec, why) in [
+            (
+                "tcp=127.0.0.1:1:tls-cert=c:tls-key=k",
+                "needs authentication",
+            ),
+            ("tcp=127.0.0.1:1:token-file=t:insecure", "contradict"),
+            ("tcp=127.0.0.1:1:tls-cert=c:token-file=t", "go together"),
+            (
+                "tcp=127.0.0.1:1:tls-client-ca=c:token-file=t",
+                "needs tls-cert",
+            ),
+            ("tcp=127.0.0.1:1:token-file=", "expected a file path"),
+            ("sock:insecure", "insecure is for tcp"),
+            ("sock:tls-cert=c:tls-key=k", "TLS is for tcp"),
+        ] {
+            let e = p(spec).unwrap_err().to_string();
+            assert!(e.contains(why), "{spec}: {e}");
+            assert!(!e.contains('\n'));
+        }
+        let s =
+            "mux:tcp=127.0.0.1:1:token-file=/a\\:b:tls-cert=c:tls-key=k,sock:viewer-token-file=v";
+        assert_eq!(p(s).unwrap().to_string(), s);
+    }
+
+    #[test]
     fn messages_quoting_input_stay_one_line() {
         // Found by the console_spec fuzz target: input with control characters made
         // multi-line (or terminal-driving) error messages.
@@ -1040,14 +1004,36 @@ mod tests {
                             queue,
                             mode,
                             idle_timeout: idle.map(Duration::from_millis),
+                            auth: AuthSpec::default(),
                         })
                     }
                 ),
-            (any::<[u8; 4]>(), any::<u16>(), any::<bool>()).prop_map(|(ip, port, read_only)| {
-                let mut s = SockSpec::new(Listen::Tcp(SocketAddr::from((ip, port))));
-                s.read_only = read_only;
-                BackendSpec::Sock(s)
-            }),
+            (any::<[u8; 4]>(), any::<u16>(), any::<bool>(), 0u8..4).prop_map(
+                |(ip, port, read_only, auth)| {
+                    let mut s = SockSpec::new(Listen::Tcp(SocketAddr::from((ip, port))));
+                    s.read_only = read_only;
+                    match auth {
+                        0 => s.auth.insecure = true,
+                        1 => s.auth.token_file = Some("/t:k".into()),
+                        2 => {
+                            s.auth.viewer_token_file = Some("v".into());
+                            s.auth.tls = Some(TlsSpec {
+                                cert: "c".into(),
+                                key: "k,".into(),
+                                client_ca: None,
+                            });
+                        }
+                        _ => {
+                            s.auth.tls = Some(TlsSpec {
+                                cert: "c".into(),
+                                key: "k".into(),
+                                client_ca: Some("ca".into()),
+                            });
+                        }
+                    }
+                    BackendSpec::Sock(s)
+                }
+            ),
         ]
     }
 

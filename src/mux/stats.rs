@@ -54,6 +54,9 @@ pub struct ListenerStats {
     pub clients_cut_off: u64,
     /// Clients refused (over `max-clients`, none idle enough to make room).
     pub clients_refused: u64,
+    /// Connections refused or dropped before they proved who they are (wrong token,
+    /// not the protocol, no token in time, a failed TLS handshake).
+    pub clients_unauthenticated: u64,
     /// Clients disconnected for being idle (`idle-timeout`, or to make room for a new one).
     pub clients_idle_closed: u64,
     /// `accept` failures (e.g. out of file descriptors; accepting then backs off).

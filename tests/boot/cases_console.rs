@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::{
-    CaseFn, Client, Ctx, INIT_MARK, SHELL_MARK, Scratch, connect, contains, find, md5_hex, pty,
-    pump, wait_until,
+    CaseFn, Client, Ctx, INIT_MARK, SHELL_MARK, Scratch, connect, contains, find, md5_hex, pki,
+    pty, pump, wait_until,
 };
 
 pub const CASES: &[(&str, CaseFn)] = &[
@@ -28,6 +28,7 @@ pub const CASES: &[(&str, CaseFn)] = &[
     ),
     ("console_uart_only_paste", console_uart_only_paste),
     ("console_serial_own_hub", console_serial_own_hub),
+    ("console_tls_token_shell", console_tls_token_shell),
 ];
 
 /// A scratch directory and the spec of a hub with every backend kind:
@@ -438,6 +439,96 @@ fn console_terminal_size_and_escape(ctx: &Ctx) -> Result<(), String> {
             before.c_oflag,
             after.c_oflag
         ));
+    }
+    Ok(())
+}
+
+/// A network console as the user would set it up: `tcp=` with a token and TLS. A
+/// stranger with a wrong token is refused and told so (attach exits 1); `microvm attach
+/// tcp://... --token-file --ca` drives the guest's shell (on hvc0) and powers it off.
+fn console_tls_token_shell(ctx: &Ctx) -> Result<(), String> {
+    let dir = Scratch::new("tls")?;
+    let certs = pki::Pki::make(&dir.path(""))?;
+    let token = pki::token(&dir.path(""), "vm.token", "boot-rig-secret-0123456789")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let spec = format!(
+        "mux:stdio,tcp=127.0.0.1:{port}:token-file={}:tls-cert={}:tls-key={}",
+        token.display(),
+        certs.server_cert.display(),
+        certs.server_key.display()
+    );
+    let mut vm = ctx.spawn(&["--console", &spec])?;
+    let deadline = vm.deadline;
+    vm.wait_for(SHELL_MARK)?;
+
+    // A stranger with a guessed token, through the same client: refused, told why.
+    let guessed = pki::token(&dir.path(""), "guessed.token", "guessed-0123456789abcdef")?;
+    let attach_cmd = |token: &std::path::Path| {
+        let mut c = Command::new(&ctx.bin);
+        c.args(["attach", &format!("tcp://127.0.0.1:{port}"), "--token-file"])
+            .arg(token)
+            .arg("--ca")
+            .arg(&certs.ca)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut stranger = attach_cmd(&guessed)
+        .spawn()
+        .map_err(|e| vm.fail(&format!("cannot start microvm attach: {e}")))?;
+    if let Some(mut i) = stranger.stdin.take() {
+        let _ = i.write_all(b"echo pwned\n");
+    }
+    let told = stranger
+        .wait_with_output()
+        .map_err(|e| format!("waiting for microvm attach: {e}"))?;
+    let err = String::from_utf8_lossy(&told.stderr);
+    if told.status.code() != Some(1) || !err.contains("wrong token") || !told.stdout.is_empty() {
+        return Err(vm.fail(&format!(
+            "a wrong token: attach exited {}, said {err:?}, relayed {} bytes",
+            told.status,
+            told.stdout.len()
+        )));
+    }
+
+    let mut attach = attach_cmd(&token)
+        .spawn()
+        .map_err(|e| vm.fail(&format!("cannot start microvm attach: {e}")))?;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = pump(attach.stdout.take().ok_or("attach stdout")?, out.clone());
+    let mut input = attach.stdin.take().ok_or("attach stdin")?;
+    let res = input
+        .write_all(b"echo AUTH-$((6*7)); tty\n")
+        .map_err(|e| format!("writing to microvm attach: {e}"))
+        .and_then(|_| {
+            wait_until(
+                deadline,
+                "AUTH-42 through the authenticated console",
+                || contains(&out.lock().unwrap(), b"AUTH-42"),
+            )
+        });
+    if let Err(e) = res {
+        let _ = attach.kill();
+        return Err(vm.fail(&e));
+    }
+    vm.wait_for("AUTH-42")?;
+    input
+        .write_all(b"poweroff -f\n")
+        .map_err(|e| format!("writing to microvm attach: {e}"))?;
+    vm.expect_exit(0)?;
+    let status = attach
+        .wait()
+        .map_err(|e| format!("waiting for microvm attach: {e}"))?;
+    let _ = reader.join();
+    if !status.success() {
+        return Err(format!("microvm attach exited with {status}"));
+    }
+    if vm.stdout().lines().any(|l| l.trim() == "pwned") {
+        return Err("the stranger's input reached the guest".into());
     }
     Ok(())
 }

@@ -32,6 +32,8 @@ mod cases_boot;
 mod cases_ci;
 mod cases_console;
 mod cases_run;
+#[path = "../common/pki.rs"]
+mod pki;
 #[path = "../common/pty.rs"]
 mod pty;
 

@@ -7,11 +7,12 @@
 //! progress. Rotation and the moved-file check apply to regular files only.
 
 use super::{BackendError, Port};
+use crate::files;
 use crate::mux::spec::FileSpec;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,15 +50,12 @@ fn open_append(path: &Path) -> Result<File, BackendError> {
             path: path.to_path_buf(),
         });
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        // Never wait in open (a FIFO without a reader would block it forever).
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| match source.raw_os_error() {
+    // 0600 when created, never through a symlink, never waiting in open (a FIFO without
+    // a reader would block it forever): `files::open_append`.
+    let file =
+        files::open_append(path, "console log").map_err(|source| match source.raw_os_error() {
             Some(libc::ENXIO) => BackendError::FifoNoReader(path.to_path_buf()),
+            Some(libc::ELOOP) => BackendError::Symlink(path.to_path_buf()),
             _ => BackendError::Open {
                 path: path.to_path_buf(),
                 source,

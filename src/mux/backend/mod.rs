@@ -46,9 +46,23 @@ pub enum BackendError {
         /// The OS error.
         source: io::Error,
     },
+    /// A private file or directory could not be made (runtime directory, lock file).
+    #[error(transparent)]
+    Files(#[from] crate::files::FilesError),
+    /// A token file is not usable.
+    #[error(transparent)]
+    Auth(#[from] crate::mux::auth::AuthError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::mux::tls::TlsError),
     /// A FIFO as log whose reader is not running.
     #[error("console log '{0}' is a FIFO with no reader; start its reader first")]
     FifoNoReader(PathBuf),
+    /// A log path that is a symbolic link: never followed.
+    #[error(
+        "console log '{0}' is a symbolic link; microvm does not write through links (remove it or name the real file)"
+    )]
+    Symlink(PathBuf),
     /// Opening a log file failed.
     #[error("cannot open console log '{path}': {source}")]
     Open {
@@ -72,6 +86,26 @@ pub(crate) trait Port: Send {
     /// Make written data durable (files); best effort.
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    /// Writes a short line a fresh connection gets before anything else (the console's
+    /// `ok` line, a busy notice): taken whole even while earlier TLS records still wait
+    /// for the socket.
+    fn write_first(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.write(line)
+    }
+    /// The port holds output of its own (TLS ciphertext) waiting for its fd to be
+    /// writable.
+    fn buffered(&self) -> bool {
+        false
+    }
+    /// Sends what [`Port::buffered`] holds, until done or it would block.
+    fn push_buffered(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Input is waiting inside the port (decrypted TLS) that polling its fd would not
+    /// show.
+    fn input_buffered(&mut self) -> bool {
+        false
     }
     /// The hub could not be set up: undo what opening did (a log file it created and
     /// never wrote is removed), so that a failed start leaves no file behind.

@@ -1,7 +1,10 @@
 //! `sock[=PATH]` and `tcp=ADDR:PORT`: listeners and client streams.
 
 use super::{BackendError, Port, cvt};
+use crate::files::{FilesError, PathLock};
 use crate::mux::spec::MAX_UNIX_PATH;
+use crate::mux::tls::TlsStream;
+use rustls::ServerConfig;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -9,33 +12,33 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The default socket path for `sock` without a value:
-/// `$XDG_RUNTIME_DIR/microvm-PID.sock`, else `/tmp/microvm-PID.sock` (`-N` added for a
-/// second default socket in the same process).
-pub fn default_socket_path() -> PathBuf {
+/// The default socket path for `sock` without a value: `microvm-PID.sock` in the
+/// private runtime directory (`files::runtime_dir`; `-N` added for a second default
+/// socket in the same process).
+pub fn default_socket_path() -> Result<PathBuf, FilesError> {
     static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = crate::files::runtime_dir()?;
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
     let pid = std::process::id();
-    if n == 0 {
+    Ok(if n == 0 {
         dir.join(format!("microvm-{pid}.sock"))
     } else {
         dir.join(format!("microvm-{pid}-{n}.sock"))
-    }
+    })
 }
 
 /// A listening socket of either family.
 pub(crate) enum Listener {
-    /// Unix; `id` is (dev, ino) of the socket file so shutdown removes only our own.
+    /// Unix; `id` is (dev, ino) of the socket file so shutdown removes only our own;
+    /// `lock` guards the name while we serve it.
     Unix {
         l: UnixListener,
         path: PathBuf,
         id: (u64, u64),
+        lock: PathLock,
     },
     /// TCP.
     Tcp(TcpListener),
@@ -49,19 +52,19 @@ impl Listener {
         }
     }
 
-    /// Accept one pending client (non-blocking).
-    pub(crate) fn accept(&self) -> io::Result<Stream> {
+    /// Accept one pending client (non-blocking), with the peer's address for messages.
+    pub(crate) fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
             Listener::Unix { l, .. } => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(true)?;
-                Ok(Stream::Unix(s))
+                Ok((Stream::Unix(s), "a local process".into()))
             }
             Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+                let (s, peer) = l.accept()?;
                 s.set_nonblocking(true)?;
                 let _ = s.set_nodelay(true);
-                Ok(Stream::Tcp(s))
+                Ok((Stream::Tcp(s), peer.to_string()))
             }
         }
     }
@@ -77,14 +80,16 @@ impl Listener {
         }
     }
 
-    /// Remove our socket file (only if it is still the one we created).
+    /// Remove our socket file (only if it is still the one we created), then its lock.
     pub(crate) fn remove_file(&self) {
-        if let Listener::Unix { path, id, .. } = self
-            && let Ok(m) = std::fs::symlink_metadata(path)
-            && m.file_type().is_socket()
-            && (m.dev(), m.ino()) == *id
-        {
-            let _ = std::fs::remove_file(path);
+        if let Listener::Unix { path, id, lock, .. } = self {
+            if let Ok(m) = std::fs::symlink_metadata(path)
+                && m.file_type().is_socket()
+                && (m.dev(), m.ino()) == *id
+            {
+                let _ = std::fs::remove_file(path);
+            }
+            lock.release();
         }
     }
 }
@@ -93,6 +98,7 @@ impl Listener {
 pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -100,12 +106,68 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.fd(),
         }
+    }
+
+    /// A TCP connection becomes the server side of a TLS one.
+    pub(crate) fn into_tls(self, cfg: Arc<ServerConfig>) -> io::Result<Stream> {
+        match self {
+            Stream::Tcp(s) => Ok(Stream::Tls(Box::new(TlsStream::server(s, cfg)?))),
+            other => Ok(other),
+        }
+    }
+
+    /// Looks at up to `buf.len()` received bytes without taking them (plain sockets;
+    /// `WouldBlock` when none, `Ok(0)` at the end).
+    pub(crate) fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf, libc::MSG_PEEK)
+    }
+
+    fn recv(&mut self, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+        loop {
+            // SAFETY: buf is valid and writable for buf.len() bytes.
+            let r = cvt(unsafe {
+                libc::recv(
+                    self.raw(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_DONTWAIT,
+                )
+            });
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Says we are done writing: a TLS close_notify, then the socket's FIN (the peer
+    /// reads what was sent, then the end).
+    pub(crate) fn finish(&mut self) {
+        if let Stream::Tls(t) = self {
+            t.close();
+        }
+        // SAFETY: shutdown on our own socket fd.
+        unsafe { libc::shutdown(self.raw(), libc::SHUT_WR) };
+    }
+
+    /// The TLS handshake is still going on (never for a plain socket).
+    pub(crate) fn handshaking(&self) -> bool {
+        matches!(self, Stream::Tls(t) if t.handshaking())
+    }
+
+    /// The TLS peer presented a certificate the server's CA verified.
+    pub(crate) fn peer_verified(&self) -> bool {
+        matches!(self, Stream::Tls(t) if t.peer_verified())
     }
 }
 
 impl Port for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Stream::Tls(t) = self {
+            return t.write(buf);
+        }
         loop {
             // SAFETY: buf is valid for buf.len() bytes; MSG_NOSIGNAL keeps a vanished peer
             // from raising SIGPIPE.
@@ -125,25 +187,47 @@ impl Port for Stream {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            // SAFETY: buf is valid and writable for buf.len() bytes.
-            let r = cvt(unsafe {
-                libc::recv(
-                    self.raw(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            });
-            match r {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
-            }
+        match self {
+            Stream::Tls(t) => t.read(buf),
+            _ => self.recv(buf, 0),
         }
     }
 
     fn fd(&self) -> Option<RawFd> {
         Some(self.raw())
+    }
+
+    fn write_first(&mut self, line: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tls(t) => t.write_line(line),
+            _ => self.write(line),
+        }
+    }
+
+    fn buffered(&self) -> bool {
+        matches!(self, Stream::Tls(t) if t.buffered())
+    }
+
+    fn push_buffered(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(t) => t.push(),
+            _ => Ok(()),
+        }
+    }
+
+    fn input_buffered(&mut self) -> bool {
+        match self {
+            Stream::Tls(t) => t.input_buffered(),
+            _ => false,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // At shutdown: a TLS client is told the session ends (close_notify).
+        if let Stream::Tls(t) = self {
+            t.close();
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +255,42 @@ pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError
             path: path.to_path_buf(),
         });
     }
+    let not_a_socket = |m: std::fs::Metadata| {
+        (!m.file_type().is_socket()).then(|| BackendError::NotASocket(path.to_path_buf()))
+    };
+    // Anything but a socket (a file, a planted link) is refused before any file of ours
+    // appears beside it.
+    if let Some(e) = std::fs::symlink_metadata(path).ok().and_then(not_a_socket) {
+        return Err(e);
+    }
+    // Held until shutdown: a second microvm on this name stops here, before it could
+    // take a live socket for a stale one.
+    let lock = PathLock::acquire(path).map_err(|e| match e {
+        FilesError::Locked { .. } => BackendError::SocketInUse(path.to_path_buf()),
+        other => BackendError::Files(other),
+    })?;
+    bind_locked(path, mode, lock)
+}
+
+/// [`bind_unix`] once the name's lock is ours (released again on failure).
+fn bind_locked(path: &Path, mode: u32, lock: PathLock) -> Result<Listener, BackendError> {
+    let fail = |e: BackendError| {
+        lock.release();
+        Err(e)
+    };
+    match listen_locked(path, mode) {
+        Ok((l, id)) => Ok(Listener::Unix {
+            l,
+            path: path.to_path_buf(),
+            id,
+            lock,
+        }),
+        Err(e) => fail(e),
+    }
+}
+
+fn listen_locked(path: &Path, mode: u32) -> Result<(UnixListener, (u64, u64)), BackendError> {
+    let bytes = path.as_os_str().as_bytes();
     let listen_err = |source: io::Error| BackendError::Listen {
         addr: path.display().to_string(),
         source,
@@ -233,14 +353,16 @@ pub(crate) fn bind_unix(path: &Path, mode: u32) -> Result<Listener, BackendError
         return Err(listen_err(e));
     }
     let m = std::fs::symlink_metadata(path).map_err(listen_err)?;
-    Ok(Listener::Unix {
-        l: UnixListener::from(owned),
-        path: path.to_path_buf(),
-        id: (m.dev(), m.ino()),
-    })
+    if mode & 0o077 != 0 {
+        log::warn!(
+            "warning: console socket {} has mode {mode:04o}: other users may attach and type into the guest",
+            path.display()
+        );
+    }
+    Ok((UnixListener::from(owned), (m.dev(), m.ino())))
 }
 
-/// Bind a TCP listener; warns when the address is not loopback.
+/// Bind a TCP listener (who may connect is the listener's admission's business).
 pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
     let l = TcpListener::bind(addr).map_err(|source| BackendError::Listen {
         addr: addr.to_string(),
@@ -251,11 +373,6 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
             addr: addr.to_string(),
             source,
         })?;
-    if !addr.ip().is_loopback() {
-        log::warn!(
-            "warning: console on tcp {addr} is reachable from the network and has no authentication"
-        );
-    }
     Ok(Listener::Tcp(l))
 }
 

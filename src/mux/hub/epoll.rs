@@ -9,7 +9,9 @@ use std::time::Instant;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::Hub;
+use crate::mux::backend::Port;
 use crate::mux::endpoint::Owner;
+use crate::mux::listener::Pending;
 
 /// What woke the hub (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,8 @@ pub(super) enum Token {
     Frontend(usize),
     Listener(usize),
     Endpoint(u32),
+    /// A connection still proving who it is (`listener.rs`'s `Pending`).
+    Pending(u32),
 }
 
 pub(super) const TAG_SHIFT: u32 = 28;
@@ -33,6 +37,7 @@ impl Token {
             Token::Frontend(i) => (1 << TAG_SHIFT) | (i as u32 & INDEX_MASK),
             Token::Listener(i) => (2 << TAG_SHIFT) | (i as u32 & INDEX_MASK),
             Token::Endpoint(id) => (3 << TAG_SHIFT) | (id & INDEX_MASK),
+            Token::Pending(id) => (4 << TAG_SHIFT) | (id & INDEX_MASK),
         }
     }
 
@@ -44,6 +49,7 @@ impl Token {
             1 => Some(Token::Frontend(i as usize)),
             2 => Some(Token::Listener(i as usize)),
             3 => Some(Token::Endpoint(i)),
+            4 => Some(Token::Pending(i)),
             _ => None,
         }
     }
@@ -121,6 +127,46 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Brings each pending admission's epoll interest in line with its state: readable
+    /// always, writable while TLS ciphertext waits for its socket.
+    pub(super) fn sync_pending(&mut self, reg: &mut dyn Reg) {
+        let mut failed = Vec::new();
+        for (id, p) in self.pending.iter_mut() {
+            let mut want = EventSet::IN;
+            if p.stream.buffered() {
+                want |= EventSet::OUT;
+            }
+            let token = Token::Pending(*id).encode();
+            let fd = p.stream.fd().unwrap_or(-1);
+            let res = match p.reg {
+                None => reg.add(fd, token, want),
+                Some(c) if c != want => reg.modify(fd, token, want),
+                Some(_) => continue,
+            };
+            match res {
+                Ok(()) => p.reg = Some(want),
+                Err(e) => {
+                    log::warn!("console connection from {}: cannot watch it: {e}", p.peer);
+                    failed.push(*id);
+                }
+            }
+        }
+        for id in failed {
+            self.drop_pending(id, reg);
+        }
+    }
+
+    /// Closes pending admission `id` (removing it from epoll first).
+    pub(super) fn drop_pending(&mut self, id: u32, reg: &mut dyn Reg) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if p.reg.is_some()
+            && let Some(fd) = p.stream.fd()
+        {
+            let _ = reg.remove(fd, Token::Pending(id).encode());
+        }
+        Some(p)
     }
 
     /// Remove dead endpoints.
@@ -239,10 +285,11 @@ mod tests {
             Token::Listener(7),
             Token::Endpoint(INDEX_MASK),
             Token::Endpoint(0),
+            Token::Pending(5),
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }
         assert_eq!(Token::decode(2), None);
-        assert_eq!(Token::decode(4 << TAG_SHIFT), None);
+        assert_eq!(Token::decode(5 << TAG_SHIFT), None);
     }
 }

@@ -175,21 +175,23 @@ impl Hub {
         }
     }
 
-    /// Read sources that need no polling (hung-up peers, a regular-file stdin) while
+    /// Read sources that need no polling (hung-up peers, a regular-file stdin) and
+    /// those whose port holds input polling would not show (decrypted TLS bytes) while
     /// there is room.
     pub(super) fn service_parked(&mut self) {
-        let parked: Vec<u32> = self
+        let parked: Vec<(u32, bool)> = self
             .endpoints
-            .iter()
-            .filter(|(_, e)| e.parked && e.dead.is_none())
-            .map(|(t, _)| *t)
+            .iter_mut()
+            .filter(|(_, e)| e.dead.is_none())
+            .filter(|(_, e)| e.parked || e.input_live())
+            .filter_map(|(t, e)| (e.parked || e.port.input_buffered()).then_some((*t, e.parked)))
             .collect();
-        for id in parked {
+        for (id, hung_up) in parked {
             loop {
                 match self.read_from(id) {
                     Outcome::Data => self.frontends.feed(&mut self.input),
                     Outcome::Eof | Outcome::Failed => {
-                        if let Some(e) = self.endpoints.get_mut(&id) {
+                        if hung_up && let Some(e) = self.endpoints.get_mut(&id) {
                             e.kill(None);
                         }
                         break;
