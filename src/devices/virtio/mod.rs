@@ -11,6 +11,7 @@
 //! code), the event loop wakes and the device pops chains into the sink. Interrupts go out
 //! through an irqfd, with the reason in [`VirtioInterrupt`]'s status bits.
 
+pub mod chain;
 pub mod console;
 pub mod fuzzing;
 pub mod mmio;
