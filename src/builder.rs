@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, Kvm};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
@@ -66,6 +66,9 @@ pub enum BuildError {
     /// vCPU register set-up failed.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// The vCPUs' CPUID could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
     /// vCPU threads could not start.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
@@ -393,6 +396,9 @@ fn start_vcpus(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let features = cpuid::KvmCpuFeatures {
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
     vcpu::install_kick_handler()?;
     let mut fds = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
@@ -400,7 +406,9 @@ fn start_vcpus(
             .fd()
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&supported, id, config.vcpus))
+        let vcpu_cpuid =
+            cpuid::for_vcpu(&supported, &cpuid::NativeCpuid, features, id, config.vcpus)?;
+        fd.set_cpuid2(&vcpu_cpuid)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         regs::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
