@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Cap, IoEventAddress, Kvm};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
@@ -33,6 +33,7 @@ use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
 use crate::seccomp::{Filters, SeccompError};
 use crate::vmm::{Consoles, RunChecks, Vmm};
+use crate::vstate::coalesced::{CoalescedFlush, CoalescedRing};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{self, Buses, SeccompStart, StopFlag};
 use crate::vstate::vm::{self, Vm};
@@ -380,26 +381,19 @@ fn virtio_console_acpi() -> acpi::AcpiDevice {
     }
 }
 
-/// Creates and configures the vCPUs and starts their threads (with `seccomp`, each
-/// installs its filter and waits at the gate before it first enters the guest).
-#[allow(clippy::too_many_arguments)]
-fn start_vcpus(
+/// Creates and configures the vCPUs (CPUID, MSRs, FPU, LAPIC; the boot vCPU's entry).
+fn create_vcpus(
     kvm: &Kvm,
     vm: &Vm,
     config: &VmConfig,
     entry: (u64, bool),
-    buses: &Buses,
-    exit: &ExitNotifier,
-    stop: &StopFlag,
-    seccomp: Option<&SeccompStart>,
-) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
+) -> Result<Vec<VcpuFd>, BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let features = cpuid::KvmCpuFeatures {
         tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
     };
-    vcpu::install_kick_handler()?;
     let mut fds = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let fd = vm
@@ -421,6 +415,38 @@ fn start_vcpus(
         }
         fds.push(fd);
     }
+    Ok(fds)
+}
+
+/// Has KVM queue the guest's writes to the UART's transmit holding register in the
+/// coalesced ring instead of exiting for each byte (`vstate::coalesced`), when this KVM
+/// can. The ring is mapped first: a registered range nobody reads would lose output.
+fn coalesce_uart_output(
+    kvm: &Kvm,
+    vm: &Vm,
+    vcpu: &VcpuFd,
+) -> Result<Option<Arc<CoalescedRing>>, BuildError> {
+    if !kvm.check_extension(Cap::CoalescedPio) {
+        return Ok(None);
+    }
+    let ring = CoalescedRing::map(vcpu).map_err(host_err("the coalesced I/O ring"))?;
+    if !vm.coalesce_pio(kvm, COM1_PORT, 1)? {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(ring)))
+}
+
+/// Starts the vCPU threads (with `seccomp`, each installs its filter and waits at the gate
+/// before it first enters the guest) and keeps the event loop off their CPUs.
+fn start_vcpus(
+    fds: Vec<VcpuFd>,
+    config: &VmConfig,
+    buses: &Buses,
+    exit: &ExitNotifier,
+    stop: &StopFlag,
+    seccomp: Option<&SeccompStart>,
+) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
+    vcpu::install_kick_handler()?;
     let mut handles = Vec::with_capacity(fds.len());
     for (id, fd) in fds.into_iter().enumerate() {
         handles.push(vcpu::spawn(
@@ -474,7 +500,21 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     if config.virtio_console {
         create_virtio_console(&vm, &mem, &consoles, &mut mmio, &mut event_manager)?;
     }
-    let buses = Buses { pio, mmio };
+    let fds = create_vcpus(&kvm, &vm, config, entry)?;
+    let mut buses = Buses {
+        pio,
+        mmio,
+        coalesced: None,
+    };
+    if let Some(fd) = fds.first() {
+        buses.coalesced = coalesce_uart_output(&kvm, &vm, fd)?;
+    }
+    if let Some(ring) = &buses.coalesced {
+        let target = buses.clone();
+        let flush = CoalescedFlush::new(ring.clone(), move |w| target.deliver(w))
+            .map_err(host_err("timerfd"))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(flush)));
+    }
     let stop = StopFlag::default();
     // Everything is set up: from here on each thread may do only what its filter allows.
     // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
@@ -487,16 +527,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     } else {
         None
     };
-    let vcpus = start_vcpus(
-        &kvm,
-        &vm,
-        config,
-        entry,
-        &buses,
-        &exit,
-        &stop,
-        seccomp.as_ref(),
-    )?;
+    let vcpus = start_vcpus(fds, config, &buses, &exit, &stop, seccomp.as_ref())?;
     for hub in &consoles.hubs {
         event_manager.add_subscriber(hub.clone());
     }
