@@ -24,9 +24,7 @@ use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
 use crate::devices::uart::Uart;
 use crate::devices::virtio::VirtioInterrupt;
-use crate::devices::virtio::console::{
-    Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
-};
+use crate::devices::virtio::console::{Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
@@ -329,13 +327,15 @@ fn create_virtio_console(
     }
     let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
     let tx_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+    // The receive queue's notifications only say "buffers posted": an ioeventfd. The
+    // transmit queue's exit to the vCPU thread, which uses the buffers at once (the
+    // guest's hvc driver spins until it does); `tx_evt` hands leftovers to the event loop.
     let notify = IoEventAddress::Mmio(VIRTIO_MMIO_START + QUEUE_NOTIFY_OFFSET);
-    for (evt, queue) in [(rx_evt.as_ref(), RX_QUEUE), (&tx_evt, TX_QUEUE)] {
-        vm.fd()
-            .register_ioevent(evt, &notify, queue as u32)
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-    }
+    vm.fd()
+        .register_ioevent(rx_evt.as_ref(), &notify, RX_QUEUE as u32)
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
     console.set_input_ready_event(rx_evt.clone());
+    console.set_tx_continue_event(tx_evt.try_clone().map_err(host_err("eventfd"))?);
     let console: Arc<Mutex<VirtioConsole>> = Arc::new(Mutex::new(console));
     // Pacing: the device leaves transmit chains queued while the hub is congested; this
     // hook makes the transmit handler look again once the hub has caught up.

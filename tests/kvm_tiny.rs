@@ -1120,10 +1120,19 @@ fn uart_transmit_writes_are_coalesced_in_order() {
     let (stdout, io_out, coalesced) = run_counting_exits("coalesce", &hello_guest(&msg));
     assert_eq!(String::from_utf8_lossy(&stdout), msg);
     if host_coalesces_pio() {
-        assert!(io_out <= 4096 / 100 + 1, "{io_out} port-write exits for 4096 bytes");
-        assert!(coalesced >= 4096 - 4096 / 100, "only {coalesced} writes coalesced");
+        assert!(
+            io_out <= 4096 / 100 + 1,
+            "{io_out} port-write exits for 4096 bytes"
+        );
+        assert!(
+            coalesced >= 4096 - 4096 / 100,
+            "only {coalesced} writes coalesced"
+        );
     } else {
-        assert!(io_out > 4096, "no coalescing here, every byte exits: {io_out}");
+        assert!(
+            io_out > 4096,
+            "no coalescing here, every byte exits: {io_out}"
+        );
     }
 }
 

@@ -14,6 +14,9 @@
 //! the VMM's own RSS when the first line containing STR appears (e.g. markers the guest
 //! prints around a console flood). `--timeout S` kills CMD (SIGKILL) after S seconds; the
 //! line then says `status=timeout`.
+//! CPU time: `init_cpu_ms` is the CPU time all of CMD's threads had used when STR
+//! appeared (the sum of /proc/PID/task/*/schedstat), `cpu_ms` what CMD used in all
+//! (getrusage(RUSAGE_CHILDREN) after it exited: user + system).
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -41,6 +44,52 @@ fn smaps_rss(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
         }
     }
     Some((total, guest))
+}
+
+/// CPU time (ms) used so far by all live threads of `pid`.
+fn task_cpu_ms(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = t.ok()?.path().join("schedstat");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e6)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Timeval {
+    sec: i64,
+    usec: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Rusage {
+    utime: Timeval,
+    stime: Timeval,
+    rest: [i64; 14],
+}
+
+extern "C" {
+    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+}
+
+/// CPU time (ms, user + system) of the waited-for children of this process.
+fn children_cpu_ms() -> Option<f64> {
+    const RUSAGE_CHILDREN: i32 = -1;
+    let mut r = Rusage::default();
+    // SAFETY: getrusage fills the caller's struct, laid out as Linux x86_64's rusage.
+    if unsafe { getrusage(RUSAGE_CHILDREN, &mut r) } != 0 {
+        return None;
+    }
+    let ms = |t: &Timeval| t.sec as f64 * 1e3 + t.usec as f64 / 1e3;
+    Some(ms(&r.utime) + ms(&r.stime))
 }
 
 fn main() {
@@ -106,13 +155,14 @@ fn main() {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         });
     }
-    let (mut init_ms, mut rss) = (None, None);
+    let (mut init_ms, mut rss, mut init_cpu) = (None, None, None);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = Vec::new();
     while out.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         let text = String::from_utf8_lossy(&line);
         if init_ms.is_none() && text.contains(&mark) {
             init_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+            init_cpu = task_cpu_ms(pid);
             rss = smaps_rss(pid, mem_mib * 1024);
         }
         for (s, t, r) in ats.iter_mut() {
@@ -140,13 +190,16 @@ fn main() {
         let r = r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
         at_fields += &format!(" at{}_ms={} at{}_rss_excl_guest_kib={r}", k + 1, fmt(*t), k + 1);
     }
+    let cpu_ms = children_cpu_ms();
     println!(
-        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}{at_fields}",
+        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e} init_cpu_ms={} cpu_ms={}{at_fields}",
         fmt(init_ms),
         if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
             "timeout".to_string()
         } else {
             status.code().unwrap_or(-1).to_string()
-        }
+        },
+        init_cpu.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+        cpu_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
     );
 }

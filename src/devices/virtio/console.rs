@@ -131,6 +131,15 @@ fn queue_name(index: usize) -> &'static str {
     }
 }
 
+/// Who moves transmit chains: the event loop holds them back only for the consumers'
+/// backlog (the hub takes its queued output right after), a vCPU thread also for output
+/// the hub has yet to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxCaller {
+    EventLoop,
+    Vcpu,
+}
+
 /// A chain taken off the available ring: its head, and how walking it ended.
 type Popped = (u16, Result<(), ChainError>);
 
@@ -153,6 +162,8 @@ pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     chain: Vec<Buffer>,
     /// The last `process_tx` left chains queued because the sink was backlogged.
     paused: bool,
+    /// Kicks the transmit handler on the event loop (see [`Console::notify_tx`]).
+    tx_continue: Option<EventFd>,
 }
 
 impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
@@ -174,6 +185,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
             tx_buf: Vec::new(),
             chain: Vec::new(),
             paused: false,
+            tx_continue: None,
         }
     }
 
@@ -289,11 +301,36 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
         }
     }
 
-    /// Moves every available transmit chain to the sink. Returns true when chains may be
-    /// left (the batch limit was reached): call again after other work. While the sink is
-    /// congested (a lossless consumer is behind) chains stay queued, which paces the guest;
-    /// the owner calls this again when the sink decongests.
+    /// Moves every available transmit chain to the sink (on the event loop). Returns true
+    /// when chains may be left (the batch limit was reached): call again after other
+    /// work. While the sink is backlogged (a lossless consumer is behind) chains stay
+    /// queued, which paces the guest; the owner calls this again when the sink
+    /// decongests.
     pub fn process_tx(&mut self) -> bool {
+        self.move_tx(TxCaller::EventLoop)
+    }
+
+    /// The guest notified the transmit queue; called on its vCPU thread, in the MMIO exit
+    /// of the QueueNotify write. Linux's hvc driver spins, interrupts off, until each
+    /// buffer it queued is used, so the buffer is used right here, before the guest
+    /// resumes: no ioeventfd, no event-loop wake-up between a buffer and its use. While
+    /// the hub has not taken earlier output (`congested`), or after a full batch, the
+    /// rest is left to the event loop (the transmit handler is kicked), which paces the
+    /// guest as [`Console::process_tx`] does.
+    pub fn notify_tx(&mut self) {
+        let left = self.move_tx(TxCaller::Vcpu);
+        if left && let Some(evt) = &self.tx_continue {
+            let _ = evt.write(1);
+        }
+    }
+
+    /// An eventfd the transmit handler waits on: written by [`Console::notify_tx`] when
+    /// it leaves chains for the event loop.
+    pub fn set_tx_continue_event(&mut self, evt: EventFd) {
+        self.tx_continue = Some(evt);
+    }
+
+    fn move_tx(&mut self, caller: TxCaller) -> bool {
         self.paused = false;
         let Some(mem) = self
             .mem
@@ -313,9 +350,16 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
                 more = true;
                 break;
             }
-            if self.out.backlogged() {
-                self.paused = true;
-                break;
+            match caller {
+                TxCaller::EventLoop if self.out.backlogged() => {
+                    self.paused = true;
+                    break;
+                }
+                TxCaller::Vcpu if self.out.congested() => {
+                    more = true;
+                    break;
+                }
+                _ => {}
             }
             let (head, walked) = match self.pop(&mem, TX_QUEUE) {
                 Ok(Some(popped)) => popped,
@@ -581,6 +625,12 @@ impl<W: ConsoleSink, I: InterruptSignal> VirtioDevice for Console<W, I> {
     fn needs_reset(&self) -> bool {
         self.broken
     }
+
+    fn queue_notify(&mut self, queue: u32) {
+        if queue as usize == TX_QUEUE {
+            self.notify_tx();
+        }
+    }
 }
 
 /// Locks a shared console, surviving a poisoned lock (a panicked holder).
@@ -588,7 +638,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Event-loop glue: owns the transmit queue's ioeventfd and moves output when it fires.
+/// Event-loop glue for the transmit queue: moves output when `tx_evt` fires (kicked by
+/// [`Console::notify_tx`] for leftovers, and by the hub's decongestion hook), and looks
+/// again on a timer while paused.
 pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     tx_evt: EventFd,
@@ -681,9 +733,10 @@ mod tests {
     use super::super::testutil::{Ring, WRITE, mem};
     use super::*;
 
-    /// Records each write() call as one chunk; `.1` plays a congested consumer.
+    /// Records each write() call as one chunk; `.1` plays a backlogged consumer, `.2`
+    /// output the hub has not taken yet (congested, not backlogged).
     #[derive(Default)]
-    struct Chunks(Vec<Vec<u8>>, bool);
+    struct Chunks(Vec<Vec<u8>>, bool, bool);
 
     impl Write for Chunks {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -697,7 +750,7 @@ mod tests {
 
     impl ConsoleSink for Chunks {
         fn congested(&self) -> bool {
-            self.1
+            self.1 || self.2
         }
         fn backlogged(&self) -> bool {
             self.1
@@ -773,6 +826,37 @@ mod tests {
         s.con.process_tx();
         assert_eq!(s.con.sink().0, vec![b"paced".to_vec()]);
         assert_eq!(s.tx.used_idx(), 1);
+    }
+
+    /// The QueueNotify exit uses the buffer before the guest resumes; while the hub has
+    /// not taken earlier output, the chain is left for the event loop, which is kicked
+    /// and (paced only by the consumers' backlog) moves it.
+    #[test]
+    fn notify_on_the_vcpu_uses_buffers_at_once_or_defers_to_the_event_loop() {
+        let mut s = setup();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        s.con.set_tx_continue_event(kick.try_clone().unwrap());
+        put(&s.mem, DATA, b"now");
+        s.tx.push(s.tx.chain(0, &[(DATA, 3, 0)]));
+        s.con.queue_notify(TX_QUEUE as u32);
+        assert_eq!(s.con.sink().0, vec![b"now".to_vec()]);
+        assert_eq!(s.tx.used_idx(), 1);
+        assert!(kick.read().is_err(), "nothing left for the event loop");
+        s.con.queue_notify(RX_QUEUE as u32); // not this device's business
+        assert!(kick.read().is_err());
+        // the hub has not taken earlier output: defer
+        s.con.sink_mut().2 = true;
+        put(&s.mem, DATA + 0x10, b"later");
+        s.tx.push(s.tx.chain(1, &[(DATA + 0x10, 5, 0)]));
+        s.con.queue_notify(TX_QUEUE as u32);
+        assert_eq!(s.tx.used_idx(), 1, "left queued");
+        assert_eq!(kick.read().unwrap(), 1, "event loop kicked");
+        assert!(
+            !s.con.process_tx(),
+            "the event loop does not wait for the hub"
+        );
+        assert_eq!(s.con.sink().0[1], b"later".to_vec());
+        assert_eq!(s.tx.used_idx(), 2);
     }
 
     #[test]
