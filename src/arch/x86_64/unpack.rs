@@ -23,6 +23,8 @@ const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// The largest kernel unpacked here (a bigger one is left to the guest).
 pub const MAX_UNPACKED: usize = 512 << 20;
+/// Threads that unpack LZ4 blocks at once (at most the host's CPUs).
+const UNPACK_THREADS: usize = 4;
 
 /// The compression of a payload, by its magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,48 +65,81 @@ pub enum UnpackError {
     NotElf,
 }
 
-/// Unpacks LZ4 legacy frames: a magic, then blocks of (u32 compressed size, data), each
-/// at most 8 MiB unpacked; the magic may repeat (concatenated frames). The kernel's build
-/// appends the unpacked size (u32) after the last block; a "block" that runs past the end
-/// of the input ends the stream.
-fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, UnpackError> {
-    // The appended size sizes the buffer once (zeroed pages straight from the kernel, no
-    // copying as it grows); a wrong hint only costs reallocations.
-    let hint = payload
-        .len()
-        .checked_sub(4)
-        .and_then(|at| payload.get(at..))
-        .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
-        .min(MAX_UNPACKED);
-    let mut out = vec![0u8; hint];
-    let mut len = 0;
+/// The compressed blocks of LZ4 legacy frames: a magic, then blocks of (u32 compressed
+/// size, data), each at most 8 MiB unpacked; the magic may repeat (concatenated frames).
+/// The kernel's build appends the unpacked size (u32) after the last block; a "block"
+/// that runs past the end of the input ends the stream.
+fn lz4_legacy_blocks(payload: &[u8]) -> Vec<&[u8]> {
+    let mut blocks = Vec::new();
     let mut pos = 4;
     while let Some(word) = payload.get(pos..pos + 4) {
-        let size = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+        let size = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
         pos += 4;
-        if size == LZ4_LEGACY_MAGIC {
+        if size as u32 == LZ4_LEGACY_MAGIC {
             continue;
         }
-        let Some(block) = payload.get(pos..pos + size as usize) else {
+        let Some(block) = payload.get(pos..pos + size) else {
             break;
         };
-        pos += size as usize;
-        loop {
-            match lz4_flex::block::decompress_into(block, &mut out[len..]) {
-                Ok(n) => {
-                    len += n;
-                    break;
-                }
-                // Room for a whole block may be missing (no or a wrong size hint).
-                Err(_) if out.len() < len + LZ4_LEGACY_BLOCK => {
-                    if len + LZ4_LEGACY_BLOCK > MAX_UNPACKED {
-                        return Err(UnpackError::TooLarge);
-                    }
-                    out.resize(len + LZ4_LEGACY_BLOCK, 0);
-                }
-                Err(_) => return Err(UnpackError::Corrupt("LZ4")),
-            }
+        blocks.push(block);
+        pos += size;
+    }
+    blocks
+}
+
+/// Unpacks LZ4 legacy frames. The blocks are independent and every block but the last
+/// unpacks to exactly 8 MiB, so each has its own slot in the output and they are unpacked
+/// on up to [`UNPACK_THREADS`] threads at once.
+fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, UnpackError> {
+    let blocks = lz4_legacy_blocks(payload);
+    let room = blocks.len().saturating_mul(LZ4_LEGACY_BLOCK);
+    if room > MAX_UNPACKED {
+        return Err(UnpackError::TooLarge);
+    }
+    // Zeroed pages straight from the kernel: no copying as it grows.
+    let mut out = vec![0u8; room];
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, UNPACK_THREADS)
+        .min(blocks.len().max(1));
+    let mut slots: Vec<(&[u8], &mut [u8])> = blocks
+        .iter()
+        .copied()
+        .zip(out.chunks_mut(LZ4_LEGACY_BLOCK))
+        .collect();
+    let per_thread = slots.len().div_ceil(threads).max(1);
+    let sizes: Vec<Result<usize, UnpackError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = slots
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter_mut()
+                        .map(|(block, slot)| {
+                            lz4_flex::block::decompress_into(block, slot)
+                                .map_err(|_| UnpackError::Corrupt("LZ4"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| vec![Err(UnpackError::Corrupt("LZ4"))])
+            })
+            .collect()
+    });
+    let mut len = 0;
+    let last = sizes.len().saturating_sub(1);
+    for (i, size) in sizes.into_iter().enumerate() {
+        let size = size?;
+        // Only the last block may be short: a short one before it would leave a hole.
+        if i < last && size != LZ4_LEGACY_BLOCK {
+            return Err(UnpackError::Corrupt("LZ4"));
         }
+        len += size;
     }
     out.truncate(len);
     Ok(out)
@@ -163,19 +198,21 @@ mod tests {
 
     #[test]
     fn lz4_legacy_roundtrip_across_blocks() {
-        let data = elf_like(LZ4_LEGACY_BLOCK + 12345);
+        let data = elf_like(3 * LZ4_LEGACY_BLOCK + 12345);
         let payload = lz4_frames(&data);
         assert_eq!(format(&payload), Format::Lz4Legacy);
         assert_eq!(unpack(&payload).unwrap(), data);
     }
 
     #[test]
-    fn lz4_legacy_without_a_usable_size_hint() {
-        let data = elf_like(3 * LZ4_LEGACY_BLOCK / 2);
-        let mut payload = lz4_frames(&data);
-        let n = payload.len();
-        payload[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
-        assert_eq!(unpack(&payload).unwrap(), data);
+    fn lz4_legacy_refuses_a_short_block_before_the_last() {
+        let mut payload = LZ4_LEGACY_MAGIC.to_le_bytes().to_vec();
+        for chunk in [&elf_like(100)[..], &[7u8; 100][..]] {
+            let c = lz4_flex::block::compress(chunk);
+            payload.extend((c.len() as u32).to_le_bytes());
+            payload.extend(c);
+        }
+        assert_eq!(unpack(&payload), Err(UnpackError::Corrupt("LZ4")));
     }
 
     #[test]
