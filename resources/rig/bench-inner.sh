@@ -108,7 +108,9 @@ run() { # case i mark -- cmd...
     # init's write to the boot-timer register.
     bt=$(sed -n 's/.*boot time: \([0-9.]*\) ms.*/\1/p' "$log" | head -n1)
     echo "BENCH $cfg $c $i ${r#vmmtime: } boot_timer_ms=${bt:--}"
-    case "$r" in *status=0*) ;; *) echo "$c run $i failed; its log tail:"; tail -n 15 "$log";; esac
+    case "$r" in
+        *init_ms=-*|*status=[!0]*|*status=0[0-9]*) echo "$c run $i failed or never reached its marker; its log tail:"; tail -n 15 "$log" ;;
+    esac
 }
 
 # First instruction: a minimal ELF "kernel" (tools/firstinsn.rs) whose first
