@@ -783,9 +783,14 @@ mod tests {
     }
 
     fn setup() -> Setup {
+        setup_with(0x1000, 0x2000, 16)
+    }
+
+    /// A console whose queues have `size` entries, at `rx_at` and `tx_at`.
+    fn setup_with(rx_at: u64, tx_at: u64, size: u16) -> Setup {
         let mem = mem();
-        let rx = Ring::new(&mem, 0x1000, 16);
-        let tx = Ring::new(&mem, 0x2000, 16);
+        let rx = Ring::new(&mem, rx_at, size);
+        let tx = Ring::new(&mem, tx_at, size);
         let irq = Irq::default();
         let mut con = Console::new(Chunks::default(), irq.clone());
         con.ack_features(con.features());
@@ -1085,21 +1090,7 @@ mod tests {
 
     /// A console whose queues have 256 entries (rx at 0x1_0000, tx at 0x2_0000).
     fn setup_256() -> Setup {
-        let mem = mem();
-        let rx = Ring::new(&mem, 0x1_0000, 256);
-        let tx = Ring::new(&mem, 0x2_0000, 256);
-        let irq = Irq::default();
-        let mut con = Console::new(Chunks::default(), irq.clone());
-        con.ack_features(con.features());
-        con.activate(mem.clone(), vec![rx.queue(), tx.queue()])
-            .unwrap();
-        Setup {
-            con,
-            irq,
-            rx,
-            tx,
-            mem,
-        }
+        setup_with(0x1_0000, 0x2_0000, 256)
     }
 
     /// Issue 11's case: a 1000-descriptor indirect chain on a 16-entry queue. Indirect
