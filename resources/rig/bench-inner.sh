@@ -118,6 +118,7 @@ run() { # case i mark -- cmd...
 i=1
 while want first && [ -r "$FIRST_ELF" ] && [ "$i" -le "${BENCH_FIRST_N:-10}" ]; do
     run first-microvm "$i" MVFIRST -- "$tmp/microvm" --kernel "$FIRST_ELF"
+    run first-microvm-noseccomp "$i" MVFIRST -- "$tmp/microvm" --no-seccomp --kernel "$FIRST_ELF"
     has_fc && run first-firecracker "$i" MVFIRST -- "$tmp/firecracker-run" "$FIRST_ELF" "console=ttyS0"
     i=$((i + 1))
 done
