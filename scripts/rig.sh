@@ -8,6 +8,8 @@
 #   --no-microvm      do not put a microvm binary into L1
 #   --payload FILE    put FILE into L1 as /rig/<basename> (ELF executables get their libs); repeatable
 #   --with-qemu       put qemu-system-x86_64 (+ libs, microvm firmware) into L1
+#   --no-isolcpus     let L1 use both CPUs for everything (default: keep the last for
+#                     pinned vCPU threads, see below)
 #   --env NAME=VALUE  export NAME=VALUE to CMD in L1; repeatable
 #   --interactive     console on this terminal (raw, no QEMU monitor mux); CMD gets the tty
 #   --timeout SECS    overall safety timeout (default $MICROVM_RIG_TIMEOUT or 1800; none
@@ -20,7 +22,7 @@ LOG_TAG=rig
 trap 'log "error: command failed at line $LINENO: $BASH_COMMAND"' ERR
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-bin=${MICROVM_BIN:-}; no_bin=0; interactive=0; with_qemu=0
+bin=${MICROVM_BIN:-}; no_bin=0; interactive=0; with_qemu=0; isolate=1
 payloads=(); envs=(); timeout_s=${MICROVM_RIG_TIMEOUT:-}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,11 +30,12 @@ while [ $# -gt 0 ]; do
         --no-microvm) no_bin=1; shift ;;
         --payload) payloads+=("$2"); shift 2 ;;
         --with-qemu) with_qemu=1; shift ;;
+        --no-isolcpus) isolate=0; shift ;;
         --env) envs+=("$2"); shift 2 ;;
         --interactive) interactive=1; shift ;;
         --timeout) timeout_s=$2; shift 2 ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -101,10 +104,12 @@ rm -rf "$st"
 # interrupts; anything else queued on that CPU (the pipe reader that would drain the
 # console, a serial IRQ, a kworker) then waits for it, and the spin waits for them.
 l1_cpus=2
+l1_isolate=
+[ "$isolate" = 1 ] && l1_isolate=" isolcpus=$((l1_cpus - 1)) irqaffinity=0"
 qemu=(qemu-system-x86_64 -M q35 -accel tcg -cpu max -smp "$l1_cpus" -m 2048
       -nodefaults -no-user-config -display none -no-reboot -monitor none
       -kernel "$GUEST_DIR/vmlinuz" -initrd "$work/l1.cpio"
-      -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 rdinit=/init isolcpus=$((l1_cpus - 1)) irqaffinity=0")
+      -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=1 rdinit=/init$l1_isolate")
 status_file=$work/status
 trap - ERR   # from here on, failures are reported below
 if [ "$interactive" = 1 ]; then

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, Kvm};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
@@ -23,9 +23,7 @@ use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
 use crate::devices::uart::{Uart, UartInput};
 use crate::devices::virtio::VirtioInterrupt;
-use crate::devices::virtio::console::{
-    Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE, TX_QUEUE,
-};
+use crate::devices::virtio::console::{Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
 use crate::ktap::KtapWatch;
@@ -33,6 +31,7 @@ use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
 use crate::seccomp::{Filters, SeccompError};
 use crate::vmm::{Consoles, RunChecks, Vmm};
+use crate::vstate::coalesced::{CoalescedFlush, CoalescedRing};
 use crate::vstate::memory::{self, GuestMemory};
 use crate::vstate::vcpu::{self, Buses, SeccompStart, StopFlag};
 use crate::vstate::vm::{self, Vm};
@@ -66,6 +65,9 @@ pub enum BuildError {
     /// vCPU register set-up failed.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// The vCPUs' CPUID could not be built.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
     /// vCPU threads could not start.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
@@ -302,12 +304,14 @@ fn create_virtio_console(
     let tty_size = term::terminal_size(libc::STDOUT_FILENO);
     let rx_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
     let tx_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?;
+    // The receive queue's notifications only say "buffers posted": an ioeventfd. The
+    // transmit queue's exit to the vCPU thread, which uses the buffers at once (the
+    // guest's hvc driver spins until it does); `tx_evt` hands leftovers to the event loop.
     let notify = IoEventAddress::Mmio(VIRTIO_MMIO_START + QUEUE_NOTIFY_OFFSET);
-    for (evt, queue) in [(rx_evt.as_ref(), RX_QUEUE), (&tx_evt, TX_QUEUE)] {
-        vm.fd()
-            .register_ioevent(evt, &notify, queue as u32)
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-    }
+    vm.fd()
+        .register_ioevent(rx_evt.as_ref(), &notify, RX_QUEUE as u32)
+        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+    let tx_continue = tx_evt.try_clone().map_err(host_err("eventfd"))?;
     // Pacing: the device leaves transmit chains queued while the hub is congested; the
     // hub kicks the transmit handler to look again once its consumers have caught up.
     let resume = tx_evt.try_clone().map_err(host_err("eventfd"))?;
@@ -317,6 +321,7 @@ fn create_virtio_console(
             console.set_size(cols, rows);
         }
         console.set_input_ready_event(rx_evt.clone());
+        console.set_tx_continue_event(tx_continue);
         let console = Arc::new(Mutex::new(console));
         let input: Box<dyn FrontendInput> = Box::new(VirtioInput {
             input: ConsoleInput::new(console.clone(), rx_evt.clone()),
@@ -390,29 +395,28 @@ fn virtio_console_acpi() -> acpi::AcpiDevice {
     }
 }
 
-/// Creates and configures the vCPUs and starts their threads (with `seccomp`, each
-/// installs its filter and waits at the gate before it first enters the guest).
-#[allow(clippy::too_many_arguments)]
-fn start_vcpus(
+/// Creates and configures the vCPUs (CPUID, MSRs, FPU, LAPIC; the boot vCPU's entry).
+fn create_vcpus(
     kvm: &Kvm,
     vm: &Vm,
     config: &VmConfig,
     entry: (u64, bool),
-    buses: &Buses,
-    exit: &ExitNotifier,
-    stop: &StopFlag,
-    seccomp: Option<&SeccompStart>,
-) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
+) -> Result<Vec<VcpuFd>, BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let features = cpuid::KvmCpuFeatures {
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
     let mut fds = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&supported, id, config.vcpus))
+        let vcpu_cpuid =
+            cpuid::for_vcpu(&supported, &cpuid::NativeCpuid, features, id, config.vcpus)?;
+        fd.set_cpuid2(&vcpu_cpuid)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         regs::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
@@ -425,6 +429,37 @@ fn start_vcpus(
         }
         fds.push(fd);
     }
+    Ok(fds)
+}
+
+/// Has KVM queue the guest's writes to the UART's transmit holding register in the
+/// coalesced ring instead of exiting for each byte (`vstate::coalesced`), when this KVM
+/// can. The ring is mapped first: a registered range nobody reads would lose output.
+fn coalesce_uart_output(
+    kvm: &Kvm,
+    vm: &Vm,
+    vcpu: &VcpuFd,
+) -> Result<Option<Arc<CoalescedRing>>, BuildError> {
+    if !kvm.check_extension(Cap::CoalescedPio) {
+        return Ok(None);
+    }
+    let ring = CoalescedRing::map(vcpu).map_err(host_err("the coalesced I/O ring"))?;
+    if !vm.coalesce_pio(kvm, COM1_PORT, 1)? {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(ring)))
+}
+
+/// Starts the vCPU threads (with `seccomp`, each installs its filter and waits at the gate
+/// before it first enters the guest) and keeps the event loop off their CPUs.
+fn start_vcpus(
+    fds: Vec<VcpuFd>,
+    config: &VmConfig,
+    buses: &Buses,
+    exit: &ExitNotifier,
+    stop: &StopFlag,
+    seccomp: Option<&SeccompStart>,
+) -> Result<Vec<vcpu::VcpuHandle>, BuildError> {
     let mut handles = Vec::with_capacity(fds.len());
     for (id, fd) in fds.into_iter().enumerate() {
         handles.push(vcpu::spawn(
@@ -490,7 +525,21 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     if config.virtio_console {
         create_virtio_console(&vm, &mem, &consoles, &mut mmio, &mut event_manager)?;
     }
-    let buses = Buses { pio, mmio };
+    let fds = create_vcpus(&kvm, &vm, config, entry)?;
+    let mut buses = Buses {
+        pio,
+        mmio,
+        coalesced: None,
+    };
+    if let Some(fd) = fds.first() {
+        buses.coalesced = coalesce_uart_output(&kvm, &vm, fd)?;
+    }
+    if let Some(ring) = &buses.coalesced {
+        let target = buses.clone();
+        let flush = CoalescedFlush::new(ring.clone(), move |w| target.deliver(w))
+            .map_err(host_err("timerfd"))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(flush)));
+    }
     let stop = StopFlag::default();
     // Everything is set up: from here on each thread may do only what its filter allows.
     // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
@@ -502,16 +551,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     } else {
         None
     };
-    let vcpus = start_vcpus(
-        &kvm,
-        &vm,
-        config,
-        entry,
-        &buses,
-        &exit,
-        &stop,
-        seccomp.as_ref(),
-    )?;
+    let vcpus = start_vcpus(fds, config, &buses, &exit, &stop, seccomp.as_ref())?;
     for hub in &consoles.hubs {
         event_manager.add_subscriber(hub.clone());
     }

@@ -78,6 +78,10 @@ fn corpus_replays_without_panics() {
     assert!(seed("tx_outside_memory").faults > 0);
     assert!(!seed("no_version_1").active);
     assert_eq!(seed("notify_before_driver_ok").output, 0);
+    // an indirect chain (not offered) is refused; the next chain goes out on the
+    // QueueNotify write itself (the vCPU-thread path)
+    let indirect = seed("tx_indirect_notify");
+    assert_eq!((indirect.output, indirect.faults), (2, 1));
 }
 
 #[test]

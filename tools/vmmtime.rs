@@ -1,7 +1,8 @@
 //! vmmtime: boot-timing helper for scripts/bench.sh, run inside the rig's L1 (busybox has
 //! no sub-second clock). Built with plain `rustc -O` (std only).
 //!
-//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... [--timeout S] -- CMD ARGS...
+//! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... [--kvm-stats DIR]
+//!                [--timeout S] -- CMD ARGS...
 //!
 //! Spawns CMD (stdin /dev/null, stdout piped, stderr to the log), and prints one line:
 //!   vmmtime: init_ms=T1 exit_ms=T2 status=S rss_kib=R guest_kib=G rss_excl_guest_kib=E
@@ -14,6 +15,13 @@
 //! the VMM's own RSS when the first line containing STR appears (e.g. markers the guest
 //! prints around a console flood). `--timeout S` kills CMD (SIGKILL) after S seconds; the
 //! line then says `status=timeout`.
+//! CPU time: `init_cpu_ms` is the CPU time all of CMD's threads had used when STR
+//! appeared (the sum of /proc/PID/task/*/schedstat), `cpu_ms` what CMD used in all
+//! (getrusage(RUSAGE_CHILDREN) after it exited: user + system). `init_threads` lists
+//! each thread's CPU time when STR appeared (`name:ms,...`).
+//! `--kvm-stats DIR` adds KVM's exit counters (see `read_kvm_stats`) to each `--at` marker
+//! as `atK_kvm_exits=N ...`: the difference between two markers is what the guest cost
+//! in VM exits in between, whatever the VMM.
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -43,10 +51,79 @@ fn smaps_rss(pid: u32, guest_kib: u64) -> Option<(u64, u64)> {
     Some((total, guest))
 }
 
+/// CPU time (ms) used so far by each live thread of `pid`, by thread name.
+fn thread_cpu_ms(pid: u32) -> Option<Vec<(String, f64)>> {
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = t.ok()?.path();
+        let text = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        let ns = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let name: String = name.trim().chars().filter(|c| !c.is_whitespace()).collect();
+        threads.push((name, ns as f64 / 1e6));
+    }
+    Some(threads)
+}
+
+/// CPU time (ms) used so far by all live threads of `pid`.
+fn task_cpu_ms(pid: u32) -> Option<f64> {
+    thread_cpu_ms(pid).map(|t| t.iter().map(|(_, ms)| ms).sum())
+}
+
+/// KVM's VM-wide exit counters from its debugfs directory (`--kvm-stats DIR`, e.g.
+/// /sys/kernel/debug/kvm): `exits=N io_exits=N mmio_exits=N irq_exits=N halt_exits=N`,
+/// summed over the host's live VMs (the bench runs one at a time).
+fn read_kvm_stats(dir: &str) -> String {
+    ["exits", "io_exits", "mmio_exits", "irq_exits", "halt_exits"]
+        .iter()
+        .filter_map(|name| {
+            let v = std::fs::read_to_string(format!("{dir}/{name}")).ok()?;
+            Some(format!("kvm_{name}={}", v.trim()))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Timeval {
+    sec: i64,
+    usec: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Rusage {
+    utime: Timeval,
+    stime: Timeval,
+    rest: [i64; 14],
+}
+
+extern "C" {
+    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+}
+
+/// CPU time (ms, user + system) of the waited-for children of this process.
+fn children_cpu_ms() -> Option<f64> {
+    const RUSAGE_CHILDREN: i32 = -1;
+    let mut r = Rusage::default();
+    // SAFETY: getrusage fills the caller's struct, laid out as Linux x86_64's rusage.
+    if unsafe { getrusage(RUSAGE_CHILDREN, &mut r) } != 0 {
+        return None;
+    }
+    let ms = |t: &Timeval| t.sec as f64 * 1e3 + t.usec as f64 / 1e3;
+    Some(ms(&r.utime) + ms(&r.stime))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut mark, mut mem_mib, mut log, mut cmd) = (String::new(), 0u64, None, Vec::new());
-    let mut ats: Vec<(String, Option<f64>, Option<u64>)> = Vec::new();
+    let mut ats: Vec<(String, Option<f64>, Option<u64>, String)> = Vec::new();
+    let mut kvm_stats: Option<String> = None;
     let mut timeout: Option<u64> = None;
     let mut i = 0;
     while i < args.len() {
@@ -63,8 +140,12 @@ fn main() {
                 timeout = args[i + 1].parse().ok();
                 i += 2;
             }
+            "--kvm-stats" => {
+                kvm_stats = Some(args[i + 1].clone());
+                i += 2;
+            }
             "--at" => {
-                ats.push((args[i + 1].clone(), None, None));
+                ats.push((args[i + 1].clone(), None, None, String::new()));
                 i += 2;
             }
             "--log" => {
@@ -106,19 +187,26 @@ fn main() {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         });
     }
-    let (mut init_ms, mut rss) = (None, None);
+    let (mut init_ms, mut rss, mut init_cpu) = (None, None, None);
+    let mut init_threads = String::from("-");
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = Vec::new();
     while out.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         let text = String::from_utf8_lossy(&line);
         if init_ms.is_none() && text.contains(&mark) {
             init_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+            init_cpu = task_cpu_ms(pid);
+            if let Some(t) = thread_cpu_ms(pid) {
+                let parts: Vec<String> = t.iter().map(|(n, ms)| format!("{n}:{ms:.0}")).collect();
+                init_threads = parts.join(",");
+            }
             rss = smaps_rss(pid, mem_mib * 1024);
         }
-        for (s, t, r) in ats.iter_mut() {
+        for (s, t, r, k) in ats.iter_mut() {
             if t.is_none() && text.contains(s.as_str()) {
                 *t = Some(start.elapsed().as_secs_f64() * 1e3);
                 *r = smaps_rss(pid, mem_mib * 1024).map(|(r, g)| r - g);
+                *k = kvm_stats.as_deref().map(read_kvm_stats).unwrap_or_default();
             }
         }
         if let Some(f) = logf.as_mut() {
@@ -136,17 +224,23 @@ fn main() {
         .map(|(r, g)| (r - g).to_string())
         .unwrap_or_else(|| "-".into());
     let mut at_fields = String::new();
-    for (k, (_, t, r)) in ats.iter().enumerate() {
+    for (k, (_, t, r, stats)) in ats.iter().enumerate() {
         let r = r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
         at_fields += &format!(" at{}_ms={} at{}_rss_excl_guest_kib={r}", k + 1, fmt(*t), k + 1);
+        for kv in stats.split_whitespace() {
+            at_fields += &format!(" at{}_{kv}", k + 1);
+        }
     }
+    let cpu_ms = children_cpu_ms();
     println!(
-        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e}{at_fields}",
+        "vmmtime: init_ms={} exit_ms={exit_ms:.0} status={} rss_kib={r} guest_kib={g} rss_excl_guest_kib={e} init_cpu_ms={} cpu_ms={} init_threads={init_threads}{at_fields}",
         fmt(init_ms),
         if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
             "timeout".to_string()
         } else {
             status.code().unwrap_or(-1).to_string()
-        }
+        },
+        init_cpu.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+        cpu_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
     );
 }

@@ -123,6 +123,19 @@ impl Vm {
         Ok(evt)
     }
 
+    /// Has KVM queue the guest's writes to ports `[port, port + len)` in the coalesced
+    /// ring instead of exiting (see [`super::coalesced`]). `Ok(false)` when this KVM
+    /// cannot (no `KVM_CAP_COALESCED_PIO`): the writes then exit as usual.
+    pub fn coalesce_pio(&self, kvm: &Kvm, port: u16, len: u32) -> Result<bool, VmError> {
+        if !kvm.check_extension(kvm_ioctls::Cap::CoalescedPio) {
+            return Ok(false);
+        }
+        self.fd
+            .register_coalesced_mmio(kvm_ioctls::IoEventAddress::Pio(u64::from(port)), len)
+            .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO"))?;
+        Ok(true)
+    }
+
     /// The raw VM file descriptor wrapper.
     pub fn fd(&self) -> &VmFd {
         &self.fd

@@ -1,5 +1,7 @@
 //! Linux boot protocol (x86 64-bit entry): loads a bzImage or an ELF vmlinux, the initrd
-//! and the command line, and writes the zero page with the e820 map.
+//! and the command line, and writes the zero page with the e820 map. A bzImage whose
+//! payload microvm can unpack (LZ4, gzip) is unpacked on the host and loaded as the ELF
+//! it holds ([`super::unpack`]); others boot through their own decompressor.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -9,9 +11,12 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{Cmdline, KernelLoader, bzimage::BzImage, elf::Elf, load_cmdline};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion,
+};
 
 use super::layout::{CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
+use super::unpack::{self, UnpackError};
 use crate::vstate::memory::GuestMemory;
 
 /// `boot_params.hdr.boot_flag` magic.
@@ -174,19 +179,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     file.seek(SeekFrom::Start(0)).map_err(file_err)?;
 
     if is_elf {
-        let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| bad_kernel(path, format!("ELF: {e}")))?;
-        let ram = mem.last_addr().raw_value();
-        if result.kernel_end > ram {
-            return Err(bad_kernel(
-                path,
-                format!(
-                    "ELF: its segments end at {:#x}, past the {} MiB of guest memory",
-                    result.kernel_end,
-                    (ram + 1) >> 20
-                ),
-            ));
-        }
+        let (entry, end) = load_elf(mem, path, &mut file)?;
         let header = setup_header {
             boot_flag: BOOT_FLAG_MAGIC,
             header: HDRS_MAGIC,
@@ -194,12 +187,16 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             ..Default::default()
         };
         return Ok(LoadedKernel {
-            entry: result.kernel_load,
-            end: result.kernel_end,
+            entry: GuestAddress(entry),
+            end,
             header,
         });
     }
 
+    if let Some(kernel) = load_unpacked(mem, path, &mut file, meta.len())? {
+        return Ok(kernel);
+    }
+    file.seek(SeekFrom::Start(0)).map_err(file_err)?;
     let result = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| bad_kernel(path, format!("bzImage: {e}")))?;
     let header = result
@@ -207,12 +204,27 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         .ok_or_else(|| bad_kernel(path, "bzImage without a setup header"))?;
     // A truncated image would load (the loader copies what the file has) and run into
     // garbage: the header says how long the protected-mode kernel is.
+    check_bzimage(path, meta.len(), &header)?;
+    Ok(LoadedKernel {
+        entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+        end: result.kernel_end,
+        header,
+    })
+}
+
+/// Where a bzImage's protected-mode code starts in the file.
+fn protected_mode_offset(header: &setup_header) -> u64 {
     let setup_sects = if header.setup_sects == 0 {
         4
     } else {
         u64::from(header.setup_sects)
     };
-    let payload = meta.len().saturating_sub((setup_sects + 1) * 512);
+    (setup_sects + 1) * 512
+}
+
+/// Refuses a truncated bzImage or one without a 64-bit entry point.
+fn check_bzimage(path: &Path, file_len: u64, header: &setup_header) -> Result<(), BootError> {
+    let payload = file_len.saturating_sub(protected_mode_offset(header));
     let declared = u64::from(header.syssize) * 16;
     if payload == 0 {
         return Err(bad_kernel(
@@ -234,11 +246,73 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             "this bzImage has no 64-bit entry point (XLF_KERNEL_64); build a 64-bit kernel",
         ));
     }
-    Ok(LoadedKernel {
-        entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
-        end: result.kernel_end,
+    Ok(())
+}
+
+/// Loads an ELF vmlinux from `image` (a file, or a kernel unpacked in memory).
+fn load_elf<F>(mem: &GuestMemory, path: &Path, image: &mut F) -> Result<(u64, u64), BootError>
+where
+    F: Read + Seek + vm_memory::ReadVolatile,
+{
+    let result = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| bad_kernel(path, format!("ELF: {e}")))?;
+    let ram = mem.last_addr().raw_value();
+    if result.kernel_end > ram {
+        return Err(bad_kernel(
+            path,
+            format!(
+                "ELF: its segments end at {:#x}, past the {} MiB of guest memory",
+                result.kernel_end,
+                (ram + 1) >> 20
+            ),
+        ));
+    }
+    Ok((result.kernel_load.raw_value(), result.kernel_end))
+}
+
+/// Unpacks a bzImage's kernel on the host and loads it as an ELF (see [`super::unpack`]).
+/// `Ok(None)` when the payload is left to the guest's decompressor (an older boot
+/// protocol, a compression microvm does not unpack, a kernel over the size limit).
+fn load_unpacked(
+    mem: &GuestMemory,
+    path: &Path,
+    file: &mut File,
+    file_len: u64,
+) -> Result<Option<LoadedKernel>, BootError> {
+    let file_err = |source| BootError::KernelFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut header = setup_header::default();
+    file.seek(SeekFrom::Start(0x1f1)).map_err(file_err)?;
+    file.read_exact(header.as_mut_slice()).map_err(file_err)?;
+    if header.header != HDRS_MAGIC || header.version < 0x208 || header.payload_length == 0 {
+        return Ok(None);
+    }
+    check_bzimage(path, file_len, &header)?;
+    let start = protected_mode_offset(&header) + u64::from(header.payload_offset);
+    let len = u64::from(header.payload_length);
+    if start.saturating_add(len) > file_len {
+        return Err(bad_kernel(
+            path,
+            "bzImage: its payload runs past the end of the file",
+        ));
+    }
+    let mut payload = vec![0u8; len as usize];
+    file.seek(SeekFrom::Start(start)).map_err(file_err)?;
+    file.read_exact(&mut payload).map_err(file_err)?;
+    let vmlinux = match unpack::unpack(&payload) {
+        Ok(v) => v,
+        Err(UnpackError::Unsupported | UnpackError::TooLarge) => return Ok(None),
+        Err(e) => return Err(bad_kernel(path, format!("bzImage: {e}"))),
+    };
+    drop(payload);
+    let (entry, end) = load_elf(mem, path, &mut std::io::Cursor::new(vmlinux))?;
+    Ok(Some(LoadedKernel {
+        entry: GuestAddress(entry),
+        end,
         header,
-    })
+    }))
 }
 
 /// Where an initrd lives in guest memory.

@@ -7,3 +7,4 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod regs;
+pub mod unpack;

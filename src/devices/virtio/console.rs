@@ -15,10 +15,15 @@
 //!   [`Console::set_size`]), VIRTIO_CONSOLE_F_EMERG_WRITE (a config write at offset 8 emits
 //!   one byte).
 //! - Guest faults (write-only buffers on TX, readable ones on RX, buffers outside guest
-//!   memory, loops, chains longer than the queue or than [`MAX_CHAIN_BYTES`]) skip the chain
-//!   and return it used with length 0; a queue that cannot be used at all (broken available
-//!   index, used ring not writable) sets DEVICE_NEEDS_RESET. Each is logged, rate-limited,
-//!   on stderr; nothing panics.
+//!   memory, loops, indirect descriptors (not offered), chains longer than the queue or
+//!   than [`MAX_CHAIN_BYTES`]) skip the chain and return it used with length 0; a queue
+//!   that cannot be used at all (broken available index, used ring not writable) sets
+//!   DEVICE_NEEDS_RESET. Each is logged, rate-limited, on stderr; nothing panics.
+//! - Bounded work: chains are walked by [`super::chain::walk`] (at most
+//!   [`MAX_CHAIN_DESCRIPTORS`] descriptor reads each), and one [`Console::process_tx`] or
+//!   [`Console::receive`] call handles a bounded number of chains, descriptors and bytes,
+//!   so whatever the guest puts on its rings, the thread serving them is held a bounded
+//!   time per call; leftovers are handled on the next call.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -26,11 +31,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::chain::{self, Buffer, ChainError};
 use super::{
     ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
 };
@@ -51,8 +57,18 @@ pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u32 = 2;
 /// The largest chain (readable bytes on TX) accepted as one chunk; Linux sends at most
 /// 128 KiB per buffer.
 pub const MAX_CHAIN_BYTES: usize = 1 << 20;
-/// Chains handled per [`Console::process_tx`] call before yielding to the event loop.
-const TX_BATCH: usize = 4 * QUEUE_SIZE as usize;
+/// The most descriptors one chain may have (a longer one loops; indirect descriptors are
+/// not offered, see [`super::chain`]).
+pub const MAX_CHAIN_DESCRIPTORS: u16 = QUEUE_SIZE;
+/// What one [`Console::process_tx`] call handles at most before it yields (returns true):
+/// chains, descriptors read, bytes copied. Whatever the guest puts on the ring, one call
+/// costs a bounded time.
+const TX_BATCH_CHAINS: usize = QUEUE_SIZE as usize;
+const TX_BATCH_DESCRIPTORS: usize = 4 * QUEUE_SIZE as usize;
+const TX_BATCH_BYTES: usize = MAX_CHAIN_BYTES;
+/// What one [`Console::receive`] call handles at most: chains, descriptors read.
+const RX_BATCH_CHAINS: usize = 2 * QUEUE_SIZE as usize;
+const RX_BATCH_DESCRIPTORS: usize = 4 * QUEUE_SIZE as usize;
 /// Offset of `emerg_wr` in the configuration space.
 const EMERG_WR_OFFSET: u64 = 8;
 /// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr).
@@ -83,15 +99,16 @@ pub enum ConsoleFault {
         /// Buffer length.
         len: u32,
     },
-    /// The chain loops, is longer than the queue, names a bad index or cannot be read.
-    #[error(
-        "{queue}: chain {head} is broken (loop, too long, bad index or unreadable descriptor); chain skipped"
-    )]
-    BrokenChain {
+    /// The chain loops, is too long, uses indirect descriptors, names a bad index or
+    /// cannot be read.
+    #[error("{queue}: chain {head} refused: {source}; chain skipped")]
+    Chain {
         /// Queue name.
         queue: &'static str,
         /// Chain head.
         head: u16,
+        /// What is wrong with it.
+        source: ChainError,
     },
     /// More readable bytes than one chunk may hold.
     #[error("transmitq: chain {0} carries more than {MAX_CHAIN_BYTES} bytes; chain skipped")]
@@ -114,6 +131,18 @@ fn queue_name(index: usize) -> &'static str {
     }
 }
 
+/// Who moves transmit chains: the event loop holds them back only for the consumers'
+/// backlog (the hub takes its queued output right after), a vCPU thread also for output
+/// the hub has yet to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxCaller {
+    EventLoop,
+    Vcpu,
+}
+
+/// A chain taken off the available ring: its head, and how walking it ended.
+type Popped = (u16, Result<(), ChainError>);
+
 /// The virtio console device, generic over its output sink and its interrupt.
 pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     out: W,
@@ -129,8 +158,12 @@ pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     log: FaultLog,
     input_ready: Option<Arc<EventFd>>,
     tx_buf: Vec<u8>,
+    /// The buffers of the chain being handled (reused).
+    chain: Vec<Buffer>,
     /// The last `process_tx` left chains queued because the sink was backlogged.
     paused: bool,
+    /// Kicks the transmit handler on the event loop (see [`Console::notify_tx`]).
+    tx_continue: Option<EventFd>,
 }
 
 impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
@@ -150,7 +183,9 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
             log: FaultLog::new("microvm: virtio-console:"),
             input_ready: None,
             tx_buf: Vec::new(),
+            chain: Vec::new(),
             paused: false,
+            tx_continue: None,
         }
     }
 
@@ -227,15 +262,33 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
         self.interrupt.signal_config_change();
     }
 
-    /// Pops the next available chain of queue `index`; `Err` when the queue is unusable.
-    fn pop<'m>(
+    /// Pops the next available chain of queue `index` and walks it into `self.chain`:
+    /// `Ok(None)` when the ring is empty, `Ok(Some((head, walked)))` otherwise (`walked` is
+    /// how the walk ended), `Err` when the queue itself is unusable.
+    fn pop(
         &mut self,
-        mem: &'m GuestMemory,
+        mem: &GuestMemory,
         index: usize,
-    ) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
+    ) -> Result<Option<Popped>, virtio_queue::Error> {
         let q = &mut self.queues[index];
-        let mut iter = q.iter(mem)?;
-        Ok(iter.next())
+        let (table, size) = (GuestAddress(q.desc_table()), q.size());
+        let Some(head) = q.iter(mem)?.next().map(|c| c.head_index()) else {
+            return Ok(None);
+        };
+        let walked = chain::walk(
+            mem,
+            table,
+            size,
+            head,
+            MAX_CHAIN_DESCRIPTORS,
+            &mut self.chain,
+        );
+        Ok(Some((head, walked)))
+    }
+
+    /// Descriptors the last [`Console::pop`] read (the one that failed included).
+    fn descriptors_read(&self, walked: &Result<(), ChainError>) -> usize {
+        self.chain.len() + usize::from(walked.is_err())
     }
 
     fn add_used(&mut self, mem: &GuestMemory, index: usize, head: u16, len: u32) -> bool {
@@ -248,11 +301,36 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
         }
     }
 
-    /// Moves every available transmit chain to the sink. Returns true when chains may be
-    /// left (the batch limit was reached): call again after other work. While the sink is
-    /// congested (a lossless consumer is behind) chains stay queued, which paces the guest;
-    /// the owner calls this again when the sink decongests.
+    /// Moves every available transmit chain to the sink (on the event loop). Returns true
+    /// when chains may be left (the batch limit was reached): call again after other
+    /// work. While the sink is backlogged (a lossless consumer is behind) chains stay
+    /// queued, which paces the guest; the owner calls this again when the sink
+    /// decongests.
     pub fn process_tx(&mut self) -> bool {
+        self.move_tx(TxCaller::EventLoop)
+    }
+
+    /// The guest notified the transmit queue; called on its vCPU thread, in the MMIO exit
+    /// of the QueueNotify write. Linux's hvc driver spins, interrupts off, until each
+    /// buffer it queued is used, so the buffer is used right here, before the guest
+    /// resumes: no ioeventfd, no event-loop wake-up between a buffer and its use. While
+    /// the hub has not taken earlier output (`congested`), or after a full batch, the
+    /// rest is left to the event loop (the transmit handler is kicked), which paces the
+    /// guest as [`Console::process_tx`] does.
+    pub fn notify_tx(&mut self) {
+        let left = self.move_tx(TxCaller::Vcpu);
+        if left && let Some(evt) = &self.tx_continue {
+            let _ = evt.write(1);
+        }
+    }
+
+    /// An eventfd the transmit handler waits on: written by [`Console::notify_tx`] when
+    /// it leaves chains for the event loop.
+    pub fn set_tx_continue_event(&mut self, evt: EventFd) {
+        self.tx_continue = Some(evt);
+    }
+
+    fn move_tx(&mut self, caller: TxCaller) -> bool {
         self.paused = false;
         let Some(mem) = self
             .mem
@@ -263,27 +341,49 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
         };
         let mut used = false;
         let mut more = false;
-        for n in 0.. {
-            if n == TX_BATCH {
+        let (mut chains, mut descriptors, mut bytes) = (0, 0, 0);
+        loop {
+            if chains == TX_BATCH_CHAINS
+                || descriptors >= TX_BATCH_DESCRIPTORS
+                || bytes >= TX_BATCH_BYTES
+            {
                 more = true;
                 break;
             }
-            if self.out.backlogged() {
-                self.paused = true;
-                break;
+            match caller {
+                TxCaller::EventLoop if self.out.backlogged() => {
+                    self.paused = true;
+                    break;
+                }
+                TxCaller::Vcpu if self.out.congested() => {
+                    more = true;
+                    break;
+                }
+                _ => {}
             }
-            let chain = match self.pop(&mem, TX_QUEUE) {
-                Ok(Some(c)) => c,
+            let (head, walked) = match self.pop(&mem, TX_QUEUE) {
+                Ok(Some(popped)) => popped,
                 Ok(None) => break,
                 Err(e) => {
                     self.fail_queue(TX_QUEUE, e);
                     break;
                 }
             };
-            let head = chain.head_index();
+            chains += 1;
+            descriptors += self.descriptors_read(&walked);
             let mut buf = std::mem::take(&mut self.tx_buf);
-            match gather(&mem, chain, &mut buf) {
-                Ok(()) => write_chunk(&mut self.out, &buf),
+            let gathered = walked
+                .map_err(|source| ConsoleFault::Chain {
+                    queue: "transmitq",
+                    head,
+                    source,
+                })
+                .and_then(|()| gather(&mem, head, &self.chain, &mut buf));
+            match gathered {
+                Ok(()) => {
+                    bytes += buf.len();
+                    write_chunk(&mut self.out, &buf);
+                }
                 Err(f) => self.fault(f),
             }
             self.tx_buf = buf;
@@ -316,21 +416,29 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
         };
         let mut done = 0;
         let mut used = false;
-        // Bounded: a guest that keeps posting empty buffers cannot hold the event loop.
-        for _ in 0..2 * QUEUE_SIZE {
-            if done == data.len() {
+        let mut descriptors = 0;
+        // Bounded: a guest that keeps posting empty or long chains cannot hold the caller.
+        for _ in 0..RX_BATCH_CHAINS {
+            if done == data.len() || descriptors >= RX_BATCH_DESCRIPTORS {
                 break;
             }
-            let chain = match self.pop(&mem, RX_QUEUE) {
-                Ok(Some(c)) => c,
+            let (head, walked) = match self.pop(&mem, RX_QUEUE) {
+                Ok(Some(popped)) => popped,
                 Ok(None) => break,
                 Err(e) => {
                     self.fail_queue(RX_QUEUE, e);
                     break;
                 }
             };
-            let head = chain.head_index();
-            let n = match scatter(&mem, chain, &data[done..]) {
+            descriptors += self.descriptors_read(&walked);
+            let scattered = walked
+                .map_err(|source| ConsoleFault::Chain {
+                    queue: "receiveq",
+                    head,
+                    source,
+                })
+                .and_then(|()| scatter(&mem, head, &self.chain, &data[done..]));
+            let n = match scattered {
                 Ok(n) => n,
                 Err(f) => {
                     self.fault(f);
@@ -373,90 +481,71 @@ fn write_chunk<W: Write>(out: &mut W, buf: &[u8]) {
     }
 }
 
-/// Gathers a transmit chain's bytes into `buf`.
+/// Gathers the bytes of transmit chain `head` (its buffers `bufs`) into `buf`.
 fn gather(
     mem: &GuestMemory,
-    chain: DescriptorChain<&GuestMemory>,
+    head: u16,
+    bufs: &[Buffer],
     buf: &mut Vec<u8>,
 ) -> Result<(), ConsoleFault> {
-    let head = chain.head_index();
     buf.clear();
-    let mut seen = 0usize;
-    let mut open = true;
-    for desc in chain {
-        seen += 1;
-        open = desc.has_next();
-        if desc.is_write_only() {
+    for b in bufs {
+        if b.write_only {
             return Err(ConsoleFault::WriteOnlyOnTx(head));
         }
-        let len = desc.len() as usize;
+        let len = b.len as usize;
         let start = buf.len();
         if start + len > MAX_CHAIN_BYTES {
+            buf.clear();
             return Err(ConsoleFault::ChainTooLarge(head));
         }
         buf.resize(start + len, 0);
-        mem.read_slice(&mut buf[start..], desc.addr())
-            .map_err(|_| ConsoleFault::OutOfMemory {
+        if mem.read_slice(&mut buf[start..], b.addr).is_err() {
+            buf.clear();
+            return Err(ConsoleFault::OutOfMemory {
                 queue: "transmitq",
                 head,
-                addr: desc.addr().0,
-                len: desc.len(),
-            })?;
-    }
-    if seen == 0 || open {
-        buf.clear();
-        return Err(ConsoleFault::BrokenChain {
-            queue: "transmitq",
-            head,
-        });
+                addr: b.addr.0,
+                len: b.len,
+            });
+        }
     }
     Ok(())
 }
 
-/// Copies `data` into a receive chain's buffers; returns the bytes written. The chain is
-/// checked whole before anything is written.
+/// Copies `data` into the buffers `bufs` of receive chain `head`; returns the bytes
+/// written. The chain is checked whole before anything is written.
 fn scatter(
     mem: &GuestMemory,
-    chain: DescriptorChain<&GuestMemory>,
+    head: u16,
+    bufs: &[Buffer],
     data: &[u8],
 ) -> Result<usize, ConsoleFault> {
-    let head = chain.head_index();
-    let mut bufs: Vec<(GuestAddress, usize)> = Vec::new();
-    let mut open = true;
-    for desc in chain {
-        open = desc.has_next();
-        if !desc.is_write_only() {
+    for b in bufs {
+        if !b.write_only {
             return Err(ConsoleFault::ReadOnlyOnRx(head));
         }
-        let len = desc.len() as usize;
-        if len > 0 && !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+        if b.len > 0 && !GuestMemoryBackend::check_range(mem, b.addr, b.len as usize) {
             return Err(ConsoleFault::OutOfMemory {
                 queue: "receiveq",
                 head,
-                addr: desc.addr().0,
-                len: desc.len(),
+                addr: b.addr.0,
+                len: b.len,
             });
         }
-        bufs.push((desc.addr(), len));
-    }
-    if bufs.is_empty() || open {
-        return Err(ConsoleFault::BrokenChain {
-            queue: "receiveq",
-            head,
-        });
     }
     let mut done = 0;
-    for (addr, len) in bufs {
-        let n = len.min(data.len() - done);
+    for b in bufs {
+        let n = (b.len as usize).min(data.len() - done);
         if n == 0 {
             break;
         }
-        mem.write_slice(&data[done..done + n], addr)
+        mem.write_slice(&data[done..done + n], b.addr)
             .map_err(|_| ConsoleFault::OutOfMemory {
                 queue: "receiveq",
                 head,
-                addr: addr.0,
-                len: len as u32,
+                addr: b.addr.0,
+                len: b.len,
             })?;
         done += n;
     }
@@ -536,6 +625,12 @@ impl<W: ConsoleSink, I: InterruptSignal> VirtioDevice for Console<W, I> {
     fn needs_reset(&self) -> bool {
         self.broken
     }
+
+    fn queue_notify(&mut self, queue: u32) {
+        if queue as usize == TX_QUEUE {
+            self.notify_tx();
+        }
+    }
 }
 
 /// Locks a shared console, surviving a poisoned lock (a panicked holder).
@@ -543,7 +638,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Event-loop glue: owns the transmit queue's ioeventfd and moves output when it fires.
+/// Event-loop glue for the transmit queue: moves output when `tx_evt` fires (kicked by
+/// [`Console::notify_tx`] for leftovers, and by the hub's decongestion hook), and looks
+/// again on a timer while paused.
 pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     tx_evt: EventFd,
@@ -636,9 +733,10 @@ mod tests {
     use super::super::testutil::{Ring, WRITE, mem};
     use super::*;
 
-    /// Records each write() call as one chunk; `.1` plays a congested consumer.
+    /// Records each write() call as one chunk; `.1` plays a backlogged consumer, `.2`
+    /// output the hub has not taken yet (congested, not backlogged).
     #[derive(Default)]
-    struct Chunks(Vec<Vec<u8>>, bool);
+    struct Chunks(Vec<Vec<u8>>, bool, bool);
 
     impl Write for Chunks {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -652,7 +750,7 @@ mod tests {
 
     impl ConsoleSink for Chunks {
         fn congested(&self) -> bool {
-            self.1
+            self.1 || self.2
         }
         fn backlogged(&self) -> bool {
             self.1
@@ -685,9 +783,14 @@ mod tests {
     }
 
     fn setup() -> Setup {
+        setup_with(0x1000, 0x2000, 16)
+    }
+
+    /// A console whose queues have `size` entries, at `rx_at` and `tx_at`.
+    fn setup_with(rx_at: u64, tx_at: u64, size: u16) -> Setup {
         let mem = mem();
-        let rx = Ring::new(&mem, 0x1000, 16);
-        let tx = Ring::new(&mem, 0x2000, 16);
+        let rx = Ring::new(&mem, rx_at, size);
+        let tx = Ring::new(&mem, tx_at, size);
         let irq = Irq::default();
         let mut con = Console::new(Chunks::default(), irq.clone());
         con.ack_features(con.features());
@@ -728,6 +831,37 @@ mod tests {
         s.con.process_tx();
         assert_eq!(s.con.sink().0, vec![b"paced".to_vec()]);
         assert_eq!(s.tx.used_idx(), 1);
+    }
+
+    /// The QueueNotify exit uses the buffer before the guest resumes; while the hub has
+    /// not taken earlier output, the chain is left for the event loop, which is kicked
+    /// and (paced only by the consumers' backlog) moves it.
+    #[test]
+    fn notify_on_the_vcpu_uses_buffers_at_once_or_defers_to_the_event_loop() {
+        let mut s = setup();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        s.con.set_tx_continue_event(kick.try_clone().unwrap());
+        put(&s.mem, DATA, b"now");
+        s.tx.push(s.tx.chain(0, &[(DATA, 3, 0)]));
+        s.con.queue_notify(TX_QUEUE as u32);
+        assert_eq!(s.con.sink().0, vec![b"now".to_vec()]);
+        assert_eq!(s.tx.used_idx(), 1);
+        assert!(kick.read().is_err(), "nothing left for the event loop");
+        s.con.queue_notify(RX_QUEUE as u32); // not this device's business
+        assert!(kick.read().is_err());
+        // the hub has not taken earlier output: defer
+        s.con.sink_mut().2 = true;
+        put(&s.mem, DATA + 0x10, b"later");
+        s.tx.push(s.tx.chain(1, &[(DATA + 0x10, 5, 0)]));
+        s.con.queue_notify(TX_QUEUE as u32);
+        assert_eq!(s.tx.used_idx(), 1, "left queued");
+        assert_eq!(kick.read().unwrap(), 1, "event loop kicked");
+        assert!(
+            !s.con.process_tx(),
+            "the event loop does not wait for the hub"
+        );
+        assert_eq!(s.con.sink().0[1], b"later".to_vec());
+        assert_eq!(s.tx.used_idx(), 2);
     }
 
     #[test]
@@ -893,9 +1027,12 @@ mod tests {
         open(&mut s);
         s.rx.push(s.rx.chain(0, &[(DATA, 4, 0)]));
         s.rx.push(s.rx.chain(1, &[(0xfff_0000, 4, WRITE)]));
+        // an indirect descriptor (not offered)
+        s.rx.set_desc(2, DATA, 16, 4 | WRITE, 0);
+        s.rx.push(2);
         assert_eq!(s.con.receive(b"abcd"), 0);
-        assert_eq!(s.con.faults(), 2);
-        assert_eq!(s.rx.used_idx(), 2);
+        assert_eq!(s.con.faults(), 3);
+        assert_eq!(s.rx.used_idx(), 3);
         assert_eq!(s.rx.used_elem(0), (0, 0));
         assert!(!s.con.needs_reset());
     }
@@ -949,6 +1086,118 @@ mod tests {
         );
         assert_eq!(con.config_generation(), 2);
         assert_eq!(con.activate(mem, vec![]), Err(ActivateError::AlreadyActive));
+    }
+
+    /// A console whose queues have 256 entries (rx at 0x1_0000, tx at 0x2_0000).
+    fn setup_256() -> Setup {
+        setup_with(0x1_0000, 0x2_0000, 256)
+    }
+
+    /// Issue 11's case: a 1000-descriptor indirect chain on a 16-entry queue. Indirect
+    /// descriptors are not offered, so the chain is refused unread; what follows goes out.
+    #[test]
+    fn tx_refuses_indirect_chains() {
+        use virtio_queue::mock::MockSplitQueue;
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x3000_0000), 0x10_0000),
+        ])
+        .unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+        let mut tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        tx.add_indirect_chain(1000).unwrap();
+        // then a plain chain, at descriptor 1 (the mock would reuse descriptor 0)
+        let driver = Ring {
+            mem: mem.clone(),
+            size: 16,
+            desc: tx.desc_table_addr().0,
+            avail: tx.avail_addr().0,
+            used: tx.used_addr().0,
+        };
+        put(&mem, 0x1000, &[b'z'; 0x1000]);
+        driver.push(driver.chain(1, &[(0x1000, 0x1000, 0)]));
+        let mut con = Console::new(Chunks::default(), Irq::default());
+        con.ack_features(con.features());
+        assert_eq!(con.features() & (1 << 28), 0, "INDIRECT_DESC not offered");
+        con.activate(
+            mem.clone(),
+            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+        )
+        .unwrap();
+        assert!(!con.process_tx());
+        assert_eq!(con.faults(), 1);
+        assert_eq!(con.sink().0, vec![vec![b'z'; 0x1000]]);
+        assert_eq!(driver.used_idx(), 2, "both chains returned");
+        assert!(!con.needs_reset());
+    }
+
+    /// A hostile guest publishes the same 256-descriptor chain in every slot of a
+    /// 256-entry ring: one call reads at most TX_BATCH_DESCRIPTORS descriptors and says
+    /// there is more; the rest goes out on later calls.
+    #[test]
+    fn tx_work_per_call_is_bounded_by_descriptors() {
+        let mut s = setup_256();
+        put(&s.mem, DATA, b"x");
+        let head = s.tx.chain(0, &vec![(DATA, 1, 0); 256]);
+        for _ in 0..256 {
+            s.tx.push(head);
+        }
+        let per_call = TX_BATCH_DESCRIPTORS / 256;
+        assert!(s.con.process_tx(), "more to do");
+        assert_eq!(usize::from(s.tx.used_idx()), per_call);
+        let mut calls = 1;
+        while s.con.process_tx() {
+            calls += 1;
+        }
+        assert_eq!(s.tx.used_idx(), 256);
+        assert_eq!(calls, 256 / per_call);
+        assert_eq!(s.con.sink().0.len(), 256);
+        assert!(s.con.sink().0.iter().all(|c| c == &vec![b'x'; 256]));
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn tx_work_per_call_is_bounded_by_bytes_and_chains() {
+        let mut s = setup_256();
+        // one chain of MAX_CHAIN_BYTES (four 256 KiB buffers covering guest memory)
+        let quarter = (MAX_CHAIN_BYTES / 4) as u32;
+        let big = s.tx.chain(0, &[(0, quarter, 0); 4]);
+        s.tx.push(big);
+        s.tx.push(s.tx.chain(4, &[(DATA, 1, 0)]));
+        assert!(
+            s.con.process_tx(),
+            "the byte budget is spent after the big chain"
+        );
+        assert_eq!(s.tx.used_idx(), 1);
+        assert!(!s.con.process_tx());
+        assert_eq!(s.tx.used_idx(), 2);
+        // a full ring of one-descriptor chains is one call's worth at most
+        for _ in 0..TX_BATCH_CHAINS {
+            s.tx.push(s.tx.chain(5, &[(DATA, 1, 0)]));
+        }
+        assert!(s.con.process_tx(), "the chain budget is spent");
+        assert_eq!(usize::from(s.tx.used_idx()), 2 + TX_BATCH_CHAINS);
+        assert!(!s.con.process_tx());
+        assert_eq!(s.con.faults(), 0);
+    }
+
+    #[test]
+    fn rx_work_per_call_is_bounded_by_descriptors() {
+        let mut s = setup_256();
+        put(&s.mem, DATA + 0xf000, b"$ ");
+        s.tx.push(s.tx.chain(0, &[(DATA + 0xf000, 2, 0)]));
+        s.con.process_tx();
+        let head = s.rx.chain(0, &vec![(DATA, 1, WRITE); 256]);
+        for _ in 0..8 {
+            s.rx.push(head);
+        }
+        let data = vec![b'i'; 8 * 256];
+        let per_call = RX_BATCH_DESCRIPTORS / 256;
+        assert_eq!(s.con.receive(&data), per_call * 256);
+        assert_eq!(usize::from(s.rx.used_idx()), per_call);
+        assert_eq!(s.con.receive(&data), (8 - per_call) * 256);
+        assert_eq!(s.con.receive(&data), 0);
+        assert_eq!(s.con.faults(), 0);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Registers (virtio 1.2, 4.2.2) are 32-bit and 4-byte aligned; other accesses below the
 //! config space are ignored (reads return 0). The config space at 0x100 takes any size.
-//! QueueNotify writes are ignored here: the builder registers one ioeventfd per queue at
-//! QueueNotify with the queue index as datamatch, so KVM routes notifies to the event loop.
+//! QueueNotify writes reach this transport only for queues the builder gave no ioeventfd
+//! (the console's transmit queue): after DRIVER_OK they go to the device's
+//! `queue_notify`, on the vCPU thread; the others KVM routes to the event loop.
 //!
 //! Status rules: bits only accumulate, in order ACKNOWLEDGE -> DRIVER -> FEATURES_OK ->
 //! DRIVER_OK (FAILED at any time); a write that clears bits or skips a step is ignored;
@@ -312,7 +313,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     slot.queue.set_used_ring_address(lo, hi);
                 }
             }
-            reg::QUEUE_NOTIFY => {}
+            // Only for queues without an ioeventfd (those never exit here).
+            reg::QUEUE_NOTIFY if self.has(status::DRIVER_OK) => lock(&self.device).queue_notify(v),
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
             _ => {}
@@ -517,8 +519,7 @@ mod tests {
         w(&mut x.t, reg::QUEUE_NUM, 2);
         x.mem.write_slice(b"hey", GuestAddress(0x8_0000)).unwrap();
         tx.push(tx.chain(0, &[(0x8_0000, 3, 0)]));
-        w(&mut x.t, reg::QUEUE_NOTIFY, 1); // ignored: ioeventfd's job
-        x.dev.lock().unwrap().process_tx();
+        w(&mut x.t, reg::QUEUE_NOTIFY, 1); // the transmit queue: used in the exit
         assert_eq!(x.dev.lock().unwrap().sink(), b"hey");
         assert_eq!(r(&mut x.t, reg::INTERRUPT_STATUS), INT_VRING);
         w(&mut x.t, reg::INTERRUPT_ACK, INT_VRING);

@@ -7,10 +7,14 @@
 //! [`InterruptSignal`], so it is unit-tested with virtio-queue's mock queues and no KVM.
 //!
 //! Byte paths: the guest fills the transmit queue and writes the queue index to QueueNotify;
-//! KVM matches that write against an ioeventfd (no exit reaches the vCPU thread's device
-//! code), the event loop wakes and the device pops chains into the sink. Interrupts go out
-//! through an irqfd, with the reason in [`VirtioInterrupt`]'s status bits.
+//! the write exits to the vCPU thread, the transport hands it to the device
+//! ([`VirtioDevice::queue_notify`]) and the console moves the chains to its sink right
+//! there, before the guest resumes (see `console::Console::notify_tx`). The receive
+//! queue's notifications go to an ioeventfd instead (KVM matches the write, no exit reaches
+//! device code): they only tell the event loop that the guest posted buffers. Interrupts
+//! go out through an irqfd, with the reason in [`VirtioInterrupt`]'s status bits.
 
+pub mod chain;
 pub mod console;
 pub mod fuzzing;
 pub mod mmio;
@@ -96,6 +100,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// True when the device hit an unrecoverable guest error and needs a reset.
     fn needs_reset(&self) -> bool;
+    /// The driver wrote `queue` to QueueNotify and no ioeventfd took the write: called on
+    /// the vCPU thread, in the exit. Queues served through an ioeventfd never get here.
+    fn queue_notify(&mut self, _queue: u32) {}
 }
 
 /// The interrupt shared by a transport and its device: the InterruptStatus bits and the
