@@ -26,6 +26,7 @@ use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::console::{Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
+use crate::kernel_probe;
 use crate::ktap::KtapWatch;
 use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
 use crate::panic_watch::PanicWatch;
@@ -171,11 +172,20 @@ fn load_guest(
             ..
         } => {
             let k = boot::load_kernel(mem, kernel)?;
+            // The default console, when the image decides it: scanned where the kernel
+            // now lies uncompressed, else read from the file.
+            let cmdline = cmdline.render(|| {
+                match k.image {
+                    Some((start, len)) => kernel_probe::probe_loaded(mem, start, len),
+                    None => kernel_probe::probe(kernel),
+                }
+                .default_console()
+            });
             let rd = initrd
                 .as_deref()
                 .map(|p| boot::load_initrd(mem, &k, p))
                 .transpose()?;
-            boot::load_command_line(mem, &k, cmdline)?;
+            boot::load_command_line(mem, &k, &cmdline)?;
             let rsdp = acpi::write_tables(mem, config.vcpus, acpi_devices)?;
             boot::write_zero_page(mem, &k, cmdline.len(), rd, rsdp)?;
             regs::write_boot_tables(mem)?;
@@ -479,9 +489,7 @@ fn start_vcpus(
         .filter(|c| !config.vcpu_affinity.is_empty() && !config.vcpu_affinity.contains(c))
         .collect();
     if let Err(e) = vcpu::pin_current_thread(&others) {
-        crate::mux::term::log_line(&format!(
-            "cannot pin the event loop to host CPUs {others:?}: {e}; running unpinned"
-        ));
+        log::warn!("cannot pin the event loop to host CPUs {others:?}: {e}; running unpinned");
     }
     Ok(handles)
 }

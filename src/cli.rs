@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::arch::x86_64::layout::MAX_VCPUS;
 use crate::config::{self, BootSource, Checks, ConfigError, DefaultConsole, VmConfig};
-use crate::kernel_probe::{self, KernelConsoles};
+use crate::kernel_probe;
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
@@ -262,7 +262,7 @@ impl RunArgs {
             (None, kernel) => BootSource::Linux {
                 kernel: kernel.clone().unwrap_or_default(),
                 initrd: self.initrd.clone(),
-                cmdline: self.cmdline_line(),
+                cmdline: self.cmdline_spec(),
                 pvm_guest: self.pvm_guest,
             },
         };
@@ -290,30 +290,23 @@ impl RunArgs {
         })
     }
 
-    /// The kernel command line for these options: `--cmdline-replace` exactly, or the
-    /// default with the console the kernel has when init starts (probed only when the
-    /// choice matters: a virtio console, no replacement and no `console=` of the user's).
-    pub fn cmdline_line(&self) -> String {
-        let virtio = !self.no_virtio_console;
-        let probe_needed = virtio
-            && self.cmdline_replace.is_none()
-            && !self.cmdline.as_deref().is_some_and(config::names_a_console);
-        let console = match (&self.kernel, probe_needed) {
-            (Some(k), true) => match kernel_probe::probe(k) {
-                KernelConsoles::Hvc0AtBoot => DefaultConsole::Hvc0,
-                _ => DefaultConsole::Uart,
-            },
-            // No kernel to look at (--print-default-cmdline alone): the line for a
-            // kernel with hvc0 built in.
-            (None, _) => DefaultConsole::Hvc0,
-            (Some(_), false) => DefaultConsole::Uart,
-        };
-        config::build_cmdline(
+    /// The kernel command line as these options give it (see [`config::Cmdline`]).
+    pub fn cmdline_spec(&self) -> config::Cmdline {
+        config::Cmdline::new(
             self.cmdline_replace.as_deref(),
             self.cmdline.as_deref(),
-            virtio,
-            console,
+            !self.no_virtio_console,
         )
+    }
+
+    /// The line microvm boots with for these options (`--print-default-cmdline`): the
+    /// kernel image, when given, decides the default's console like at boot; without
+    /// `--kernel`, the line for a kernel with hvc0 built in.
+    pub fn cmdline_line(&self) -> String {
+        self.cmdline_spec().render(|| match &self.kernel {
+            Some(k) => kernel_probe::probe(k).default_console(),
+            None => DefaultConsole::Hvc0,
+        })
     }
 
     fn checks(&self) -> Result<Checks, ConfigError> {
@@ -373,7 +366,10 @@ mod tests {
         let cfg = cli.run.to_config().unwrap();
         assert_eq!(cfg.memory, 512 << 20);
         match cfg.boot {
-            BootSource::Linux { cmdline, .. } => assert!(cmdline.ends_with("x=1")),
+            BootSource::Linux { cmdline, .. } => {
+                assert_eq!(cmdline.console, None, "the kernel image decides");
+                assert!(cmdline.render(|| DefaultConsole::Uart).ends_with("x=1"));
+            }
             other => panic!("{other:?}"),
         }
         let cli = parse(&["--kernel", "k", "--memory", "0"]).unwrap();
@@ -411,8 +407,9 @@ mod tests {
         assert!(!cfg.virtio_console);
         match cfg.boot {
             BootSource::Linux { cmdline, .. } => {
-                assert!(cmdline.starts_with("console=ttyS0"));
-                assert!(!cmdline.contains("virtio_mmio"));
+                let line = cmdline.render(|| panic!("decided without the kernel image"));
+                assert!(line.starts_with("console=ttyS0"));
+                assert!(!line.contains("virtio_mmio"));
             }
             other => panic!("{other:?}"),
         }

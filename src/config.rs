@@ -131,8 +131,9 @@ pub enum BootSource {
         kernel: PathBuf,
         /// Initial ramdisk.
         initrd: Option<PathBuf>,
-        /// The full command line.
-        cmdline: String,
+        /// The command line, rendered once the kernel is loaded (the default console may
+        /// depend on what the kernel image holds).
+        cmdline: Cmdline,
         /// The kernel is a PVM guest kernel (may boot on a PVM host).
         pvm_guest: bool,
     },
@@ -356,6 +357,47 @@ pub fn names_a_console(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
         .any(|p| p.starts_with("console="))
+}
+
+/// The kernel command line as the options give it. The console of the default line is
+/// either fixed, or (`console: None`) decided from the kernel image: the builder scans
+/// the kernel it has just loaded (`kernel_probe`), so an image is read and unpacked once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmdline {
+    /// `--cmdline-replace`.
+    pub replace: Option<String>,
+    /// `--cmdline`.
+    pub append: Option<String>,
+    /// The guest has a virtio console.
+    pub virtio_console: bool,
+    /// The default line's console; `None`: from the kernel image.
+    pub console: Option<DefaultConsole>,
+}
+
+impl Cmdline {
+    /// The options' line. The kernel image decides its console only where the choice
+    /// matters: a virtio console, no replacement and no `console=` of the user's.
+    pub fn new(replace: Option<&str>, append: Option<&str>, virtio_console: bool) -> Cmdline {
+        let decided = !virtio_console || replace.is_some() || append.is_some_and(names_a_console);
+        Cmdline {
+            replace: replace.map(str::to_string),
+            append: append.map(str::to_string),
+            virtio_console,
+            // When it does not matter, any console gives the same line.
+            console: decided.then_some(DefaultConsole::Uart),
+        }
+    }
+
+    /// The line, with `probe` asked for the console when the image is to decide.
+    pub fn render(&self, probe: impl FnOnce() -> DefaultConsole) -> String {
+        let console = self.console.unwrap_or_else(probe);
+        build_cmdline(
+            self.replace.as_deref(),
+            self.append.as_deref(),
+            self.virtio_console,
+            console,
+        )
+    }
 }
 
 /// The command line.

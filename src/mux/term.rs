@@ -168,12 +168,6 @@ impl MutEventSubscriber for ResizeWatcher {
     }
 }
 
-/// Logs one line (kept for callers outside the hub; new code uses the `log` macros,
-/// see [`crate::logging`]).
-pub fn log_line(msg: &str) {
-    log::info!("{msg}");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

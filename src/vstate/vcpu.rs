@@ -147,9 +147,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, buses: &Buses, vcpu_id: u8) -> ExitAction
         // A triple fault: real hardware resets. Linux may reboot this way on purpose
         // (reboot=t), but it is also how an early crash looks: say so.
         VcpuExit::Shutdown => {
-            crate::mux::term::log_line(&format!(
+            log::warn!(
                 "vCPU {vcpu_id}: triple fault (KVM_EXIT_SHUTDOWN); treated as a guest reset"
-            ));
+            );
             ExitAction::Stop(ExitReason::Reset)
         }
         VcpuExit::SystemEvent(kind, _) => match kind {
@@ -273,9 +273,7 @@ pub fn spawn(
             // `stop_and_join` never waits for a thread that is gone.
             let _done = SetOnDrop(done_thread);
             if let Err(e) = pin_current_thread(&cpus) {
-                crate::mux::term::log_line(&format!(
-                    "vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned"
-                ));
+                log::warn!("vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned");
             }
             if let Some(start) = seccomp {
                 let label = format!("vcpu{id}");

@@ -106,6 +106,9 @@ pub struct LoadedKernel {
     pub end: u64,
     /// Setup header (from the bzImage, or synthesized for an ELF vmlinux).
     pub header: setup_header,
+    /// Where the uncompressed kernel lies in guest memory (an ELF vmlinux, or a bzImage
+    /// unpacked here); `None` for a bzImage left to the guest's decompressor.
+    pub image: Option<(GuestAddress, u64)>,
 }
 
 impl LoadedKernel {
@@ -190,6 +193,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
             entry: GuestAddress(entry),
             end,
             header,
+            image: Some((GuestAddress(entry), end.saturating_sub(entry))),
         });
     }
 
@@ -209,6 +213,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
         end: result.kernel_end,
         header,
+        image: None,
     })
 }
 
@@ -312,6 +317,7 @@ fn load_unpacked(
         entry: GuestAddress(entry),
         end,
         header,
+        image: Some((GuestAddress(entry), end.saturating_sub(entry))),
     }))
 }
 
@@ -531,6 +537,7 @@ mod tests {
         LoadedKernel {
             entry: GuestAddress(HIMEM_START + 0x200),
             end: 8 << 20,
+            image: None,
             header: setup_header {
                 version: 0x20f,
                 cmdline_size: 2047,

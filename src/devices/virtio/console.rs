@@ -180,7 +180,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
             queues: Vec::new(),
             broken: false,
             open: false,
-            log: FaultLog::new("microvm: virtio-console:"),
+            log: FaultLog::new("virtio-console:"),
             input_ready: None,
             tx_buf: Vec::new(),
             chain: Vec::new(),

@@ -125,7 +125,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
-            log: FaultLog::new("microvm: virtio-mmio:"),
+            log: FaultLog::new("virtio-mmio:"),
         })
     }
 

@@ -181,7 +181,8 @@ impl FaultLog {
     /// Minimum time between two messages.
     pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// A log whose lines start with `prefix` (e.g. `microvm: virtio-console:`).
+    /// A log whose lines start with `prefix` (e.g. `virtio-console:`, after the logger's
+    /// `microvm: `).
     pub const fn new(prefix: &'static str) -> Self {
         FaultLog {
             prefix,
@@ -191,7 +192,7 @@ impl FaultLog {
         }
     }
 
-    /// Reports one fault (to stderr, if the rate limit allows).
+    /// Reports one fault (to the log, if the rate limit allows).
     pub fn report(&mut self, msg: std::fmt::Arguments<'_>) {
         self.total += 1;
         let now = std::time::Instant::now();
@@ -202,14 +203,17 @@ impl FaultLog {
             self.suppressed += 1;
             return;
         }
+        // Through the logger: never blocking (this may run on a vCPU thread), never
+        // panicking on a closed stderr.
         if FAULTS_QUIET.load(Ordering::Relaxed) {
         } else if self.suppressed > 0 {
-            eprintln!(
+            log::warn!(
                 "{} {msg} ({} similar errors not shown)",
-                self.prefix, self.suppressed
+                self.prefix,
+                self.suppressed
             );
         } else {
-            eprintln!("{} {msg}", self.prefix);
+            log::warn!("{} {msg}", self.prefix);
         }
         self.suppressed = 0;
         self.last = Some(now);
