@@ -4,9 +4,9 @@
 //! Layout (port offsets from `ACPI_SLEEP_CONTROL_PORT`): 0 sleep control, 1 sleep status,
 //! 2 reset. The DSDT's `_S5` package gives SLP_TYP = [`S5_SLEEP_TYPE`].
 
-use super::bus::BusDevice;
 use crate::arch::x86_64::layout::S5_SLEEP_TYPE;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::bus::BusDevice;
 
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;

@@ -17,8 +17,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::bus::BusDevice;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::bus::BusDevice;
 
 /// Offset of the exit-code register (port 0xf4, MMIO 0xc000_0000) in the device's range.
 const EXIT_OFFSET: u64 = 0;

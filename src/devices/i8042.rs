@@ -1,8 +1,8 @@
 //! A minimal i8042 keyboard controller: enough for the kernel's `reboot=k` reset, which
 //! writes command 0xFE (pulse the reset line) to port 0x64.
 
-use super::bus::BusDevice;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::bus::BusDevice;
 
 #[cfg(test)]
 const DATA_OFFSET: u64 = 0; // port 0x60

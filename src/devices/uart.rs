@@ -19,8 +19,8 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ConsoleSink;
-use super::bus::BusDevice;
 use crate::mux::FrontendInput;
+use crate::vstate::bus::BusDevice;
 
 pub mod fuzzing;
 

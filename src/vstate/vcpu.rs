@@ -9,9 +9,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, register_signal_handler};
 
 use super::coalesced::{CoalescedRing, QueuedWrite};
-use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::seccomp::{Filters, ThreadKind};
+use crate::vstate::bus::Bus;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -348,7 +348,7 @@ impl VcpuHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::bus::BusDevice;
+    use crate::vstate::bus::BusDevice;
     use std::sync::Mutex;
 
     struct Echo(u8);

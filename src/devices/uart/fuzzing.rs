@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{LCR_DLAB, LSR_OFFSET, LSR_TEMT, LSR_THRE, Uart};
 use crate::devices::ConsoleSink;
-use crate::devices::bus::BusDevice;
 use crate::fuzz_input::Input;
+use crate::vstate::bus::BusDevice;
 
 const FIFO: usize = 64;
 const MCR_LOOP: u8 = 0x10;

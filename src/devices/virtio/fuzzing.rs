@@ -25,8 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::console::Console;
 use super::mmio::MmioTransport;
 use super::{VirtioInterrupt, status};
-use crate::devices::bus::BusDevice;
 use crate::fuzz_input::Input;
+use crate::vstate::bus::BusDevice;
 
 /// Guest memory size for the harness.
 pub const MEM_SIZE: u64 = 0x1_0000;

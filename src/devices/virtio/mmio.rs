@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 
 use super::{FaultLog, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
-use crate::devices::bus::BusDevice;
+use crate::vstate::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
 /// "virt" in little endian.
