@@ -991,12 +991,18 @@ fn emfile_child() {
     };
     let vm = Vm::start(&format!("sock={sock}:max-clients=64"));
     let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
-    let lim = libc::rlimit {
-        rlim_cur: open,
-        rlim_max: 4096,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a valid rlimit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    // SAFETY: getrlimit fills the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    // Lower only the soft limit: an unprivileged process cannot raise the hard one,
+    // and CI runners have hard limits of their own.
+    lim.rlim_cur = open;
+    // SAFETY: a valid rlimit, soft <= hard.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
     std::fs::write(format!("{sock}.ready"), b"").unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let stats = vm.hub.lock().unwrap().stats();
@@ -1025,7 +1031,17 @@ fn accept_backs_off_when_out_of_file_descriptors() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("child ready", || ready.exists());
+    let mut child = child;
+    wait_until("child ready", || {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            let mut out = String::new();
+            let _ = child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+            panic!("the child hub exited before it was ready ({st}): {out}{err}");
+        }
+        ready.exists()
+    });
     let _clients: Vec<UnixStream> = (0..20).map(|_| connect(&p)).collect();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
