@@ -10,7 +10,7 @@
 # Same kernel (Debian's bzImage; Firecracker, which takes no bzImage, gets the vmlinux
 # unpacked from it here), initrd and command line (microvm's default, given to microvm
 # with --cmdline-replace so all see exactly the same string). Sections
-# (resources/rig/bench-inner.sh; BENCH_ONLY=first|boot|uart|hvc|rss runs one):
+# (resources/rig/bench-inner.sh; BENCH_ONLY="hvc" or "boot uart" runs those only):
 #   first  BENCH_FIRST_N (10) runs of a minimal ELF kernel (tools/firstinsn.rs): VMM
 #          start -> the guest's first instructions' output, wall and CPU ms (no QEMU)
 #   boot   BENCH_N (5) boots each: start -> "init reached", -> exit, RSS excl. guest RAM
@@ -18,7 +18,9 @@
 #   hvc    BENCH_TPUT_N runs each: BENCH_HVC_BYTES (16 MiB) through hvc0 (no Firecracker),
 #          microvm with one backend and with four (sock+stdio+ring+file, a socket reader)
 #   rss    microvm's own RSS before/after BENCH_RSS_BYTES (100 MiB) through hvc0
-# BENCH_MICROVM_ARGS adds microvm options. Times come from tools/vmmtime.rs on the VMM's
+# BENCH_BASELINE_BIN: an earlier microvm build (e.g. the last release), run beside this one
+# in the hvc section with one backend and with four, so a change shows as "not slower"
+# side by side in the same run. BENCH_MICROVM_ARGS adds microvm options. Times come from tools/vmmtime.rs on the VMM's
 # stdout; VM exits per byte from KVM's debugfs counters. RSS excl. guest: /proc/PID/smaps
 # Rss of all mappings minus the anonymous mapping(s) at least as large as guest memory.
 # Prints a markdown snippet on stdout (also in $MICROVM_CACHE/bench/last.md).
@@ -38,6 +40,9 @@ else
 fi
 # Everything gets microvm's built-in default command line (bench-inner.sh appends mvcmd).
 CMDLINE=${BENCH_CMDLINE:-$("$bin" --print-default-cmdline)}
+base=${BENCH_BASELINE_BIN:-}
+[ -z "$base" ] || [ -x "$base" ] || die "BENCH_BASELINE_BIN=$base is not an executable file (an earlier microvm build)"
+basever=$([ -n "$base" ] && "$base" --version 2>/dev/null | head -n1 || true)
 CONFIGS=${BENCH_CONFIGS:-default pinned}
 
 tools=$MICROVM_CACHE/tools; mkdir -p "$tools"
@@ -100,7 +105,7 @@ for cfg in $CONFIGS; do
         log "direct mode: $(kvm_mode_reason); configuration $cfg"
         env "${knobs[@]}" BENCH_CONFIG="$cfg" MICROVM_BIN="$bin" MICROVM_KERNEL="$GUEST_DIR/vmlinuz" \
             MICROVM_INITRD="$GUEST_DIR/initrd.gz" VMMTIME="$tools/vmmtime" FIRST_ELF="$tools/first.elf" \
-            FC="${fc:-/nonexistent}" VMLINUX="$vmlinux" TMPDIR="$(mktemp -d)" \
+            FC="${fc:-/nonexistent}" VMLINUX="$vmlinux" MICROVM_BASELINE="${base:-/nonexistent}" TMPDIR="$(mktemp -d)" \
             sh "$ROOT/resources/rig/bench-inner.sh" | tee -a "$out" >&2 || st=$?
     else
         log "nested mode: $(kvm_mode_reason); configuration $cfg, timing inside the rig's L1 (QEMU TCG)"
@@ -110,6 +115,14 @@ for cfg in $CONFIGS; do
         [ "$cfg" = default ] && rig+=(--no-isolcpus)
         # A FC_BIN not named "firecracker" still lands at /rig/firecracker's place.
         [ -n "$fc" ] && envs+=(--env "FC=/rig/$(basename "$fc")")
+        # The baseline lands in /rig under its own name; a name clash with the VMMs or
+        # tools there would replace one of them.
+        if [ -n "$base" ]; then
+            case "$(basename "$base")" in microvm|firecracker|vmmtime|first.elf|vmlinux|bench-inner.sh)
+                die "BENCH_BASELINE_BIN: give the earlier build another file name than $(basename "$base") (e.g. microvm-base)" ;;
+            esac
+            rig+=(--payload "$base"); envs+=(--env "MICROVM_BASELINE=/rig/$(basename "$base")")
+        fi
         "${rig[@]}" "${envs[@]}" --timeout "${BENCH_RIG_TIMEOUT:-5400}" \
             -- sh /rig/bench-inner.sh | tee -a "$out" >&2 || st=$?
     fi
@@ -148,6 +161,7 @@ echo "gets the command line \`$CMDLINE\` (+ mvcmd). QEMU $qver \`-M microvm\` wi
 echo "\`-device virtio-serial-device -device virtconsole\` and the UART on one stdio mux."
 [ -n "$fcver" ] && echo "$fcver (\`--level Error --no-api --config-file\`) boots the vmlinux unpacked from the same bzImage."
 [ -n "${BENCH_MICROVM_ARGS:-}" ] && echo "microvm also gets \`$BENCH_MICROVM_ARGS\`."
+[ -n "$base" ] && echo "\"baseline\" is an earlier microvm build, \`$(basename "$base")\` ($basever), with the same options."
 for cfg in $CONFIGS; do
     case "$cfg" in
         default) desc="nothing pinned" ;;
@@ -239,6 +253,20 @@ $(tput_row "microvm (sock+stdio+ring+file, a socket reader)" hvc-microvm-fanout 
 | ratio microvm (one backend)/QEMU | **$(ratio "$hm" "$hq")** | | |
 | ratio microvm (four backends)/QEMU | **$(ratio "$hf" "$hq")** | | |
 MD
+        if [ "$(runs "$cfg" hvc-baseline)" -gt 0 ]; then
+            bm=$(med_delta "$cfg" hvc-baseline ms); bf=$(med_delta "$cfg" hvc-baseline-fanout ms)
+            cat <<MD
+
+The same run, this microvm against the baseline build ([$cfg]):
+
+| | ms | VM exits per byte | runs exit 0 |
+|---|---|---|---|
+$(tput_row "baseline (stdio)" hvc-baseline "$hb")
+$(tput_row "baseline (sock+stdio+ring+file, a socket reader)" hvc-baseline-fanout "$hb")
+| ratio microvm/baseline, one backend | **$(ratio "$hm" "$bm")** | | |
+| ratio microvm/baseline, four backends | **$(ratio "$hf" "$bf")** | | |
+MD
+        fi
     fi
     if [ "$(runs "$cfg" rss-microvm)" -gt 0 ]; then
         cat <<MD

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs inside the rig's L1 (see scripts/bench.sh), or directly on a host with hardware KVM.
-# Sections (BENCH_ONLY=first|boot|uart|hvc|rss, default all), each alternating the VMMs
-# (microvm, QEMU -M microvm, and Firecracker when $FC is executable) with the same
+# Sections (BENCH_ONLY: a list of first boot uart hvc rss, default all), each alternating
+# the VMMs (microvm, QEMU -M microvm, Firecracker when $FC is executable, and in the hvc
+# section an earlier microvm build when $MICROVM_BASELINE is executable) with the same
 # kernel, initrd and command line, printing one line per run:
 #   BENCH <config> <case> <i> <vmmtime fields>
 # vmmtime (tools/vmmtime.rs) times the VMM's stdout: process start -> the first line with
@@ -18,7 +19,7 @@ FIRST_ELF=${FIRST_ELF:-/rig/first.elf}
 mem=${BENCH_MEM_MIB:-256}
 only=${BENCH_ONLY:-all}
 cfg=${BENCH_CONFIG:-default}
-want() { [ "$only" = all ] || [ "$only" = "$1" ]; }
+want() { [ "$only" = all ] || case " $only " in *" $1 "*) true ;; *) false ;; esac; }
 has_fc() { [ -x "$FC" ] && [ -r "$VMLINUX" ]; }
 tmp=${TMPDIR:-/tmp}
 
@@ -45,10 +46,13 @@ exec qemu-system-x86_64 -M microvm -accel kvm -cpu host -m "$mem" -smp 1 \\
     -nodefaults -no-user-config -display none -no-reboot -serial stdio \\
     -kernel "$MICROVM_KERNEL" -initrd "$MICROVM_INITRD" "\$@"
 EOF
-cat >"$tmp/microvm" <<EOF
+for w in microvm:"$MICROVM_BIN" microvm-baseline:"${MICROVM_BASELINE:-/nonexistent}"; do
+    cat >"$tmp/${w%%:*}" <<EOF
 #!/bin/sh
-exec "$MICROVM_BIN" --memory "${mem}M" --vcpus 1 --boot-timer \${BENCH_MICROVM_ARGS:-} "\$@"
+exec "${w#*:}" --memory "${mem}M" --vcpus 1 --boot-timer \${BENCH_MICROVM_ARGS:-} "\$@"
 EOF
+done
+has_baseline() { [ -x "${MICROVM_BASELINE:-/nonexistent}" ]; }
 # Firecracker boots the ELF vmlinux (it takes no bzImage) from a config file:
 # firecracker-run KERNEL BOOT_ARGS [INITRD]
 cat >"$tmp/firecracker-run" <<EOF
@@ -60,7 +64,7 @@ cfg=\$(mktemp "$tmp/fc.XXXXXX")
 printf '{"boot-source":{"kernel_image_path":"%s","boot_args":"%s"%s},"machine-config":{"vcpu_count":1,"mem_size_mib":$mem},"drives":[]}\\n' "\$1" "\$args" "\$initrd" >"\$cfg"
 exec "$FC" --level Error --no-api --config-file "\$cfg"
 EOF
-chmod +x "$tmp/qemu-vc" "$tmp/qemu-uart" "$tmp/microvm" "$tmp/firecracker-run"
+chmod +x "$tmp/qemu-vc" "$tmp/qemu-uart" "$tmp/microvm" "$tmp/microvm-baseline" "$tmp/firecracker-run"
 export BENCH_MICROVM_ARGS
 
 # pinned: each VMM's vCPU thread on the last CPU, every other thread on the others
@@ -169,15 +173,19 @@ i=1
 while want hvc && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
     cmd=$(flood_cmd "$hvc_size" /dev/hvc0 "poweroff -f")
     run hvc-qemu "$i" "$mark" -- "$tmp/qemu-vc" -append "$BENCH_CMDLINE $cmd"
-    run hvc-microvm "$i" "$mark" -- "$tmp/microvm" --kernel "$MICROVM_KERNEL" \
-        --initrd "$MICROVM_INITRD" --cmdline-replace "$BENCH_CMDLINE $cmd"
-    rm -f "$tmp/b.sock" "$tmp/fan.log"
-    reader "$tmp/b.sock"
-    run hvc-microvm-fanout "$i" "$mark" -- "$tmp/microvm" --kernel "$MICROVM_KERNEL" \
-        --initrd "$MICROVM_INITRD" --cmdline-replace "$BENCH_CMDLINE $cmd" \
-        --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
-    wait
-    rm -f "$tmp/fan.log"
+    for v in microvm baseline; do
+        [ "$v" = microvm ] || has_baseline || continue
+        w=$tmp/microvm; [ "$v" = microvm ] || w=$tmp/microvm-baseline
+        run "hvc-$v" "$i" "$mark" -- "$w" --kernel "$MICROVM_KERNEL" \
+            --initrd "$MICROVM_INITRD" --cmdline-replace "$BENCH_CMDLINE $cmd"
+        rm -f "$tmp/b.sock" "$tmp/fan.log"
+        reader "$tmp/b.sock"
+        run "hvc-$v-fanout" "$i" "$mark" -- "$w" --kernel "$MICROVM_KERNEL" \
+            --initrd "$MICROVM_INITRD" --cmdline-replace "$BENCH_CMDLINE $cmd" \
+            --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
+        wait
+        rm -f "$tmp/fan.log"
+    done
     i=$((i + 1))
 done
 
