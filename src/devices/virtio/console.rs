@@ -26,22 +26,20 @@
 //!   time per call; leftovers are handled on the next call.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
+
+mod event_loop;
+pub use event_loop::{ConsoleInput, ConsoleTxHandler};
 
 use super::chain::{self, Buffer, ChainError};
 use super::{
     ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
 };
 use crate::devices::ConsoleSink;
-use crate::mux::FrontendInput;
 use crate::vstate::memory::GuestMemory;
 
 /// Index of the receive queue (host to guest).
@@ -633,101 +631,14 @@ impl<W: ConsoleSink, I: InterruptSignal> VirtioDevice for Console<W, I> {
     }
 }
 
-/// Locks a shared console, surviving a poisoned lock (a panicked holder).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Event-loop glue for the transmit queue: moves output when `tx_evt` fires (kicked by
-/// [`Console::notify_tx`] for leftovers, and by the hub's decongestion hook), and looks
-/// again on a timer while paused.
-pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
-    device: Arc<Mutex<Console<W, I>>>,
-    tx_evt: EventFd,
-    recheck: TimerFd,
-}
-
-/// How soon a paused transmit queue is looked at again even without a decongestion call.
-const PAUSE_RECHECK: Duration = Duration::from_millis(20);
-
-impl<W: ConsoleSink, I: InterruptSignal> ConsoleTxHandler<W, I> {
-    /// A handler for `device`'s transmit queue, notified through `tx_evt`.
-    pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> std::io::Result<Self> {
-        let recheck = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        Ok(ConsoleTxHandler {
-            device,
-            tx_evt,
-            recheck,
-        })
-    }
-}
-
-impl<W: ConsoleSink, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.tx_evt.as_raw_fd() {
-            let _ = self.tx_evt.read();
-        } else if events.fd() == self.recheck.as_raw_fd() {
-            let _ = self.recheck.wait();
-        } else {
-            return;
-        }
-        let mut dev = lock(&self.device);
-        if dev.process_tx() {
-            // Chains left after a full batch: come back after the other event sources.
-            let _ = self.tx_evt.write(1);
-        } else if dev.is_paused() {
-            // The hub's decongestion hook resumes us; this timer is the safety net, so a
-            // missed wake-up costs the guest milliseconds, never a hang.
-            let _ = self.recheck.reset(PAUSE_RECHECK, None);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.tx_evt, EventSet::IN));
-        let _ = ops.add(Events::new(&self.recheck, EventSet::IN));
-    }
-}
-
-/// The console's input side, as the console hub's `FrontendInput` wants it: `accept`
-/// offers bytes; `drained_fd` (the receive queue's ioeventfd) becomes readable when the
-/// guest posts receive buffers, i.e. when there is room for more.
-pub struct ConsoleInput<W: ConsoleSink, I: InterruptSignal> {
-    device: Arc<Mutex<Console<W, I>>>,
-    rx_evt: Arc<EventFd>,
-}
-
-impl<W: ConsoleSink, I: InterruptSignal> ConsoleInput<W, I> {
-    /// Input for `device`, whose receive queue notifies `rx_evt`.
-    pub fn new(device: Arc<Mutex<Console<W, I>>>, rx_evt: Arc<EventFd>) -> Self {
-        ConsoleInput { device, rx_evt }
-    }
-}
-
-impl<W: ConsoleSink, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
-    /// Offers bytes; returns how many the guest's posted buffers took.
-    fn accept(&mut self, data: &[u8]) -> usize {
-        lock(&self.device).receive(data)
-    }
-
-    /// Readable when the guest posted receive buffers (or the port opened).
-    fn drained_fd(&self) -> RawFd {
-        self.rx_evt.as_raw_fd()
-    }
-
-    fn ack_drained(&mut self) {
-        let _ = self.rx_evt.read();
-    }
-
-    /// The guest has opened its port (written to it since activation).
-    fn is_open(&self) -> bool {
-        lock(&self.device).is_open()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use crate::mux::FrontendInput;
+    use event_manager::MutEventSubscriber;
     use vm_memory::Bytes;
 
     use super::super::testutil::{Ring, WRITE, mem};
