@@ -284,18 +284,12 @@ impl PathLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::scratch_dir;
     use std::os::unix::fs::{PermissionsExt, symlink};
-
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mvfiles-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     #[test]
     fn atomic_write_is_private_and_never_follows_links() {
-        let d = tmpdir("atomic");
+        let d = scratch_dir("files-atomic");
         let victim = d.join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         let p = d.join("r.json");
@@ -328,7 +322,7 @@ mod tests {
 
     #[test]
     fn append_refuses_a_link() {
-        let d = tmpdir("append");
+        let d = scratch_dir("files-append");
         let victim = d.join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         let p = d.join("log");
@@ -345,7 +339,7 @@ mod tests {
 
     #[test]
     fn private_dir_checks() {
-        let d = tmpdir("private");
+        let d = scratch_dir("files-private");
         let ok = d.join("ok");
         private_dir(&ok).unwrap();
         let m = std::fs::metadata(&ok).unwrap();
@@ -368,7 +362,7 @@ mod tests {
 
     #[test]
     fn lock_is_exclusive_and_released() {
-        let d = tmpdir("lock");
+        let d = scratch_dir("files-lock");
         let sock = d.join("c.sock");
         let a = PathLock::acquire(&sock).unwrap();
         let e = PathLock::acquire(&sock).unwrap_err();

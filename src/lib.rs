@@ -26,6 +26,8 @@ pub mod run_program;
 pub mod seccomp;
 pub mod send_after;
 pub mod signals;
+#[cfg(test)]
+mod test_util;
 pub mod units;
 pub mod vmm;
 pub mod vstate;

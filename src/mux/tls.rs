@@ -338,17 +338,11 @@ impl TlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tmpdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mvtls-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::test_util::scratch_dir;
 
     #[test]
     fn bad_files_are_named() {
-        let d = tmpdir();
+        let d = scratch_dir("tls");
         let garbage = d.join("garbage.pem");
         std::fs::write(&garbage, b"not a certificate\n").unwrap();
         let missing = d.join("missing.pem");

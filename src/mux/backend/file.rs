@@ -264,14 +264,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::scratch_dir;
     use std::time::Duration;
-
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("microvm-file-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     fn spec(path: PathBuf) -> FileSpec {
         FileSpec {
@@ -293,7 +287,7 @@ mod tests {
 
     #[test]
     fn appends_and_keeps_existing() {
-        let d = tmpdir("append");
+        let d = scratch_dir("file-append");
         let p = d.join("log");
         std::fs::write(&p, b"old\n").unwrap();
         let mut f = FilePort::open(&spec(p.clone())).unwrap();
@@ -305,7 +299,7 @@ mod tests {
 
     #[test]
     fn rotates_and_keeps_n() {
-        let d = tmpdir("rotate");
+        let d = scratch_dir("file-rotate");
         let p = d.join("log");
         let mut s = spec(p.clone());
         s.rotate = Some(10);
@@ -339,7 +333,7 @@ mod tests {
 
     #[test]
     fn rotated_away_underneath_reopens_path() {
-        let d = tmpdir("moved");
+        let d = scratch_dir("file-moved");
         let p = d.join("log");
         let mut f = FilePort::open(&spec(p.clone())).unwrap();
         f.check_every = Duration::ZERO;
@@ -355,7 +349,7 @@ mod tests {
 
     #[test]
     fn copytruncate_underneath_leaves_no_hole() {
-        let d = tmpdir("copytruncate");
+        let d = scratch_dir("file-copytruncate");
         let p = d.join("log");
         let mut f = FilePort::open(&spec(p.clone())).unwrap();
         f.write(b"before rotation\n").unwrap();
@@ -382,7 +376,7 @@ mod tests {
 
     #[test]
     fn discard_removes_only_a_file_it_created_empty() {
-        let d = tmpdir("discard");
+        let d = scratch_dir("file-discard");
         let fresh = d.join("fresh");
         FilePort::open(&spec(fresh.clone())).unwrap().discard();
         assert!(!fresh.exists());

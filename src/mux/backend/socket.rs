@@ -379,17 +379,11 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mvs-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::test_util::scratch_dir;
 
     #[test]
     fn mode_0600_and_removed() {
-        let d = tmpdir("mode");
+        let d = scratch_dir("sock-mode");
         let p = d.join("c.sock");
         let l = bind_unix(&p, 0o600).unwrap();
         let m = std::fs::metadata(&p).unwrap();
@@ -401,7 +395,7 @@ mod tests {
 
     #[test]
     fn mode_as_asked_whatever_the_umask() {
-        let d = tmpdir("mode-asked");
+        let d = scratch_dir("sock-mode-asked");
         let p = d.join("c.sock");
         let l = bind_unix(&p, 0o660).unwrap();
         let m = std::fs::metadata(&p).unwrap();
@@ -412,7 +406,7 @@ mod tests {
 
     #[test]
     fn refuses_regular_file_and_keeps_it() {
-        let d = tmpdir("reg");
+        let d = scratch_dir("sock-reg");
         let p = d.join("c.sock");
         std::fs::write(&p, b"precious").unwrap();
         let e = bind_unix(&p, 0o600).err().unwrap();
@@ -423,7 +417,7 @@ mod tests {
 
     #[test]
     fn reclaims_stale_refuses_live() {
-        let d = tmpdir("stale");
+        let d = scratch_dir("sock-stale");
         let p = d.join("c.sock");
         // A live listener: refused.
         let live = UnixListener::bind(&p).unwrap();
