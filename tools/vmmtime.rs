@@ -14,7 +14,8 @@
 //! Each `--at STR` adds `atK_ms=T atK_rss_excl_guest_kib=E` (K = 1, 2, ...): the time and
 //! the VMM's own RSS when the first line containing STR appears (e.g. markers the guest
 //! prints around a console flood). `--timeout S` kills CMD (SIGKILL) after S seconds; the
-//! line then says `status=timeout`.
+//! line then says `status=timeout`, or `status=unkillable` (and vmmtime returns) when CMD
+//! has not died 10 s later (e.g. stuck in the kernel in a nested KVM).
 //! CPU time: `init_cpu_ms` is the CPU time all of CMD's threads had used when STR
 //! appeared (the sum of /proc/PID/task/*/schedstat), `cpu_ms` what CMD used in all
 //! (getrusage(RUSAGE_CHILDREN) after it exited: user + system). `init_threads` lists
@@ -103,9 +104,12 @@ struct Rusage {
     rest: [i64; 14],
 }
 
+// libc (std links it; this tool is built with plain rustc, no crates).
 extern "C" {
     fn getrusage(who: i32, usage: *mut Rusage) -> i32;
+    fn kill(pid: i32, sig: i32) -> i32;
 }
+const SIGKILL: i32 = 9;
 
 /// CPU time (ms, user + system) of the waited-for children of this process.
 fn children_cpu_ms() -> Option<f64> {
@@ -183,8 +187,15 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_secs(secs));
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
             // The child may have exited already; kill(2) on a reaped pid is harmless here
-            // because vmmtime exits right after the child does.
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            // because vmmtime exits right after the child does. kill(2) itself, not a
+            // `kill` program: L1's PATH may have none, and then nothing was ever killed.
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+            let _ = unsafe { kill(pid as i32, SIGKILL) };
+            // A process stuck in the kernel (a nested vCPU that never returns) does not
+            // die, and its stdout never closes: report that instead of waiting forever.
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            println!("vmmtime: init_ms=- exit_ms=- status=unkillable rss_kib=- guest_kib=- rss_excl_guest_kib=- init_cpu_ms=- cpu_ms=- init_threads=-");
+            std::process::exit(0);
         });
     }
     let (mut init_ms, mut rss, mut init_cpu) = (None, None, None);
