@@ -113,7 +113,8 @@ run() { # case i mark -- cmd...
     bt=$(sed -n 's/.*boot time: \([0-9.]*\) ms.*/\1/p' "$log" | head -n1)
     echo "BENCH $cfg $c $i ${r#vmmtime: } boot_timer_ms=${bt:--}"
     case "$r" in
-        *init_ms=-*|*status=[!0]*|*status=0[0-9]*) echo "$c run $i failed or never reached its marker; its log tail:"; tail -n 15 "$log" ;;
+        *init_ms=-*|*status=[!0]*|*status=0[0-9]*) echo "$c run $i failed or never reached its marker; its log's last text lines:"; tail -c 8192 "$log" | strings -n 8 | tail -n 15 ;;
+        *at1_ms=[0-9]*at2_ms=-*) echo "$c run $i: the end marker never reached stdout (the guest stopped mid-flood); its log's last text lines:"; tail -c 8192 "$log" | strings -n 8 | tail -n 15 ;;
     esac
 }
 
