@@ -102,7 +102,11 @@ fi
 reader() {
     (n=0; while [ ! -S "$1" ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n + 1)); done
      "$MICROVM_BIN" attach "$1" </dev/null >/dev/null 2>&1) &
+    rpid=$!
 }
+# Ends the reader once its run is over: a VMM stuck in the kernel (vmmtime reports it
+# "unkillable") keeps the socket open, and waiting for the reader would hang the bench.
+end_reader() { kill "$rpid" 2>/dev/null; wait "$rpid" 2>/dev/null; }
 run() { # case i mark -- cmd...
     c=$1 i=$2 m=$3; shift 4
     log="$tmp/$cfg-$c-$i.log"
@@ -184,7 +188,7 @@ while want hvc && [ "$i" -le "${BENCH_TPUT_N:-3}" ]; do
         run "hvc-$v-fanout" "$i" "$mark" -- "$w" --kernel "$MICROVM_KERNEL" \
             --initrd "$MICROVM_INITRD" --cmdline-replace "$BENCH_CMDLINE $cmd" \
             --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
-        wait
+        end_reader
         rm -f "$tmp/fan.log"
     done
     i=$((i + 1))
@@ -199,6 +203,6 @@ if want rss; then
     run rss-microvm 1 "$mark" -- "$tmp/microvm" --kernel "$MICROVM_KERNEL" --initrd "$MICROVM_INITRD" \
         --cmdline-replace "$BENCH_CMDLINE mvcmd=\"exec 3<>/dev/hvc0; stty -F /dev/hvc0 raw -echo; echo; echo FLOOD-BEGIN-\$((1+1)); head -c $rss_size /dev/zero > /dev/hvc0; echo; echo FLOOD-END-\$((1+1))\"" \
         --console "mux:sock=$tmp/b.sock,stdio,ring,file=$tmp/fan.log"
-    wait
+    end_reader
     rm -f "$tmp/fan.log"
 fi
