@@ -34,10 +34,8 @@ use std::path::Path;
 const NEEDLES: [&[u8]; 2] = [b"virtio-mmio", b"virtio_console"];
 /// Chunks scanned at a time.
 const CHUNK: usize = 1 << 20;
-/// LZ4 legacy frame magic (`lz4 -l`, what the kernel's LZ4 build uses).
-const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
-/// Uncompressed size of one LZ4 legacy block.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+use crate::arch::x86_64::boot::{payload_range, setup_header_in};
+use crate::arch::x86_64::unpack::{self, Format, LZ4_LEGACY_BLOCK};
 
 /// What the image says about hvc0 at boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +118,7 @@ fn probe_file(path: &Path) -> io::Result<Option<bool>> {
         return Err(io::Error::other("not a regular file"));
     }
     let mut f = File::open(path)?;
-    let mut head = [0u8; 0x250];
+    let mut head = [0u8; HEAD];
     let n = read_full(&mut f, &mut head)?;
     let head = &head[..n];
     if head.starts_with(b"\x7fELF") {
@@ -150,34 +148,26 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// The compressed kernel's place in a bzImage (file offset, length), from the setup
-/// header: protected-mode code starts after `(setup_sects + 1) * 512` bytes.
+/// Bytes read from the start of a kernel file: through the bzImage setup header.
+const HEAD: usize = 0x300;
+
+/// The compressed kernel's place in a bzImage (file offset, length), read from the setup
+/// header in `head` the way the loader reads it.
 fn bzimage_payload(head: &[u8]) -> Option<(u64, u64)> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
-    if u32_at(0x202)? != 0x5372_6448 || u16_at(0x206)? < 0x208 {
-        return None;
-    }
-    let setup_sects = match head.get(0x1f1)? {
-        0 => 4,
-        &s => u64::from(s),
-    };
-    let offset = (setup_sects + 1) * 512 + u64::from(u32_at(0x248)?);
-    Some((offset, u64::from(u32_at(0x24c)?)))
+    payload_range(&setup_header_in(head)?)
 }
 
-/// A decompressing reader over `payload`, by its magic; `None` for formats not handled.
+/// A decompressing reader over `payload`, by its magic (the loader's formats, plus
+/// zstd); `None` for formats not handled.
 fn decoder(payload: &[u8]) -> io::Result<Option<Box<dyn Read + '_>>> {
-    Ok(match payload {
-        [0x1f, 0x8b, ..] => Some(Box::new(flate2::read::GzDecoder::new(payload))),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Box::new(
+    Ok(match (unpack::format(payload), payload) {
+        (Format::Gzip, _) => Some(Box::new(flate2::read::GzDecoder::new(payload))),
+        (Format::Lz4Legacy, _) => Some(Box::new(Lz4Legacy::new(payload))),
+        (Format::Other, [0x28, 0xb5, 0x2f, 0xfd, ..]) => Some(Box::new(
             ruzstd::decoding::StreamingDecoder::new(payload)
                 .map_err(|e| io::Error::other(format!("zstd: {e}")))?,
         )),
-        [a, b, c, d, ..] if u32::from_le_bytes([*a, *b, *c, *d]) == LZ4_LEGACY_MAGIC => {
-            Some(Box::new(Lz4Legacy::new(payload)))
-        }
-        _ => None,
+        (Format::Other, _) => None,
     })
 }
 
@@ -190,7 +180,7 @@ fn scan_compressed(payload: &[u8]) -> io::Result<Option<bool>> {
 /// scripts/extract-vmlinux gives it; `None` for other compressions.
 pub fn extract_vmlinux(path: &Path) -> io::Result<Option<Vec<u8>>> {
     let mut f = File::open(path)?;
-    let mut head = [0u8; 0x250];
+    let mut head = [0u8; HEAD];
     let n = read_full(&mut f, &mut head)?;
     let Some((offset, len)) = bzimage_payload(&head[..n]) else {
         return Ok(None);
@@ -231,11 +221,10 @@ fn scan(mut r: impl Read) -> io::Result<bool> {
     }
 }
 
-/// A reader over an LZ4 legacy stream: the magic, then blocks of `[u32 compressed
-/// size][data]`, each at most 8 MiB decompressed. The kernel's build appends the
-/// decompressed size (4 bytes) after the last block, which ends the stream here too.
+/// A reader over an LZ4 legacy stream, one block (at most 8 MiB) decompressed at a time;
+/// the blocks are found by the loader's own [`unpack::lz4_legacy_blocks`].
 struct Lz4Legacy<'a> {
-    src: &'a [u8],
+    blocks: std::vec::IntoIter<&'a [u8]>,
     block: Vec<u8>,
     pos: usize,
     len: usize,
@@ -244,7 +233,7 @@ struct Lz4Legacy<'a> {
 impl<'a> Lz4Legacy<'a> {
     fn new(payload: &'a [u8]) -> Self {
         Lz4Legacy {
-            src: payload.get(4..).unwrap_or_default(),
+            blocks: unpack::lz4_legacy_blocks(payload).into_iter(),
             block: Vec::new(),
             pos: 0,
             len: 0,
@@ -253,27 +242,14 @@ impl<'a> Lz4Legacy<'a> {
 
     /// Decompresses the next block; false at the end of the stream.
     fn next_block(&mut self) -> io::Result<bool> {
-        loop {
-            let Some(size) = self.src.get(..4) else {
-                return Ok(false);
-            };
-            let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]);
-            if size == LZ4_LEGACY_MAGIC {
-                // Concatenated streams.
-                self.src = &self.src[4..];
-                continue;
-            }
-            let Some(data) = self.src.get(4..4 + size as usize) else {
-                // The trailing decompressed-size word, or a cut stream: the end.
-                return Ok(false);
-            };
-            self.block.resize(LZ4_LEGACY_BLOCK, 0);
-            self.len = lz4_flex::block::decompress_into(data, &mut self.block)
-                .map_err(|e| io::Error::other(format!("lz4: {e}")))?;
-            self.pos = 0;
-            self.src = &self.src[4 + size as usize..];
-            return Ok(true);
-        }
+        let Some(data) = self.blocks.next() else {
+            return Ok(false);
+        };
+        self.block.resize(LZ4_LEGACY_BLOCK, 0);
+        self.len = lz4_flex::block::decompress_into(data, &mut self.block)
+            .map_err(|e| io::Error::other(format!("lz4: {e}")))?;
+        self.pos = 0;
+        Ok(true)
     }
 }
 
@@ -294,6 +270,7 @@ impl Read for Lz4Legacy<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::unpack::LZ4_LEGACY_MAGIC;
     use std::io::Write;
 
     #[test]

@@ -179,7 +179,6 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         ));
     }
     file.seek(SeekFrom::Start(0)).map_err(file_err)?;
-    file.seek(SeekFrom::Start(0)).map_err(file_err)?;
 
     if is_elf {
         let (entry, end) = load_elf(mem, path, &mut file)?;
@@ -215,6 +214,30 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
         header,
         image: None,
     })
+}
+
+/// Where the setup header starts in a bzImage file.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+
+/// The setup header in `head`, a kernel file's first bytes (at least up to the header's
+/// end; `None` when shorter).
+pub fn setup_header_in(head: &[u8]) -> Option<setup_header> {
+    let mut header = setup_header::default();
+    let raw = header.as_mut_slice();
+    raw.copy_from_slice(head.get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + raw.len())?);
+    Some(header)
+}
+
+/// Where a bzImage's compressed kernel lies in its file (offset, length), as boot
+/// protocol 2.08+ says; `None` for an older protocol, no payload, or no bzImage.
+pub fn payload_range(header: &setup_header) -> Option<(u64, u64)> {
+    if header.header != HDRS_MAGIC || header.version < 0x208 || header.payload_length == 0 {
+        return None;
+    }
+    Some((
+        protected_mode_offset(header) + u64::from(header.payload_offset),
+        u64::from(header.payload_length),
+    ))
 }
 
 /// Where a bzImage's protected-mode code starts in the file.
@@ -289,14 +312,13 @@ fn load_unpacked(
         source,
     };
     let mut header = setup_header::default();
-    file.seek(SeekFrom::Start(0x1f1)).map_err(file_err)?;
+    file.seek(SeekFrom::Start(SETUP_HEADER_OFFSET as u64))
+        .map_err(file_err)?;
     file.read_exact(header.as_mut_slice()).map_err(file_err)?;
-    if header.header != HDRS_MAGIC || header.version < 0x208 || header.payload_length == 0 {
+    let Some((start, len)) = payload_range(&header) else {
         return Ok(None);
-    }
+    };
     check_bzimage(path, file_len, &header)?;
-    let start = protected_mode_offset(&header) + u64::from(header.payload_offset);
-    let len = u64::from(header.payload_length);
     if start.saturating_add(len) > file_len {
         return Err(bad_kernel(
             path,

@@ -17,9 +17,9 @@
 use std::io::Read;
 
 /// LZ4 legacy frame magic (what the kernel's `lz4 -l` produces).
-const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
+pub const LZ4_LEGACY_MAGIC: u32 = 0x184c_2102;
 /// The largest block a legacy LZ4 frame holds, uncompressed.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+pub const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// The largest kernel unpacked here (a bigger one is left to the guest).
 pub const MAX_UNPACKED: usize = 512 << 20;
@@ -69,7 +69,7 @@ pub enum UnpackError {
 /// size, data), each at most 8 MiB unpacked; the magic may repeat (concatenated frames).
 /// The kernel's build appends the unpacked size (u32) after the last block; a "block"
 /// that runs past the end of the input ends the stream.
-fn lz4_legacy_blocks(payload: &[u8]) -> Vec<&[u8]> {
+pub fn lz4_legacy_blocks(payload: &[u8]) -> Vec<&[u8]> {
     let mut blocks = Vec::new();
     let mut pos = 4;
     while let Some(word) = payload.get(pos..pos + 4) {
