@@ -990,7 +990,14 @@ fn emfile_child() {
         return;
     };
     let vm = Vm::start(&format!("sock={sock}:max-clients=64"));
-    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    // RLIMIT_NOFILE caps descriptor *numbers*, and a runner may hand the test high
+    // numbered descriptors with holes below them: limit at the highest open one + 1,
+    // then fill every hole, so the hub has no descriptor left at all.
+    let top = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -999,10 +1006,21 @@ fn emfile_child() {
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     // Lower only the soft limit: an unprivileged process cannot raise the hard one,
     // and CI runners have hard limits of their own.
-    lim.rlim_cur = open;
+    lim.rlim_cur = (top + 1).min(lim.rlim_max);
     // SAFETY: a valid rlimit, soft <= hard.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+    let mut fillers = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => fillers.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("filling descriptors: {e}"),
+        }
+    }
+    // One slot for the ready file, closed again once written: the first client
+    // takes it and every later accept fails with EMFILE.
+    fillers.pop();
     std::fs::write(format!("{sock}.ready"), b"").unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let stats = vm.hub.lock().unwrap().stats();
