@@ -213,19 +213,7 @@ fn strangers_and_web_pages_reach_nothing_and_are_told_why() {
         assert!(!reply.contains("root shell"), "{sent:?} saw the console");
     }
     // A browser's or curl's POST, as a web page could send it.
-    let curl = Command::new("curl")
-        .args([
-            "-sS",
-            "-m",
-            "20",
-            "-X",
-            "POST",
-            "--data-binary",
-            "echo pwned",
-        ])
-        .arg(format!("http://{a}/"))
-        .output()
-        .expect("curl (scripts/deps.sh installs it)");
+    let curl = pki::curl_post_pwned(&format!("http://{a}/"), None);
     let body = String::from_utf8_lossy(&curl.stdout);
     assert!(body.contains("not a web server"), "curl got {body:?}");
     wait_until("6 refusals counted", || unauthenticated(&vm) == 6);

@@ -1590,21 +1590,7 @@ fn tls_token_console_under_seccomp_with_attach() {
         Stdio::piped(),
     );
     let silent = tcp_connect(port);
-    let curl = Command::new("curl")
-        .args([
-            "-sS",
-            "-m",
-            "20",
-            "-X",
-            "POST",
-            "--data-binary",
-            "echo pwned",
-        ])
-        .arg(format!("https://127.0.0.1:{port}/"))
-        .arg("--cacert")
-        .arg(&p.ca)
-        .output()
-        .expect("curl (scripts/deps.sh installs it)");
+    let curl = pki::curl_post_pwned(&format!("https://127.0.0.1:{port}/"), Some(&p.ca));
     let body = String::from_utf8_lossy(&curl.stdout);
     assert!(
         body.contains("not a web server"),

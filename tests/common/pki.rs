@@ -83,3 +83,24 @@ pub fn token(dir: &Path, name: &str, secret: &str) -> Result<PathBuf, String> {
     write_private(&p, &format!("{secret}\n"))?;
     Ok(p)
 }
+
+/// What a web page could make a browser send to a console port: curl POSTing the
+/// command `echo pwned` to `url` (`ca`: the CA to trust, for https). The caller checks
+/// the reply and that nothing reached the guest.
+pub fn curl_post_pwned(url: &str, ca: Option<&Path>) -> std::process::Output {
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sS",
+        "-m",
+        "20",
+        "-X",
+        "POST",
+        "--data-binary",
+        "echo pwned",
+        url,
+    ]);
+    if let Some(ca) = ca {
+        curl.arg("--cacert").arg(ca);
+    }
+    curl.output().expect("curl (scripts/deps.sh installs it)")
+}
