@@ -189,6 +189,28 @@ fn clients_beyond_the_limit_are_refused_with_a_message() {
     c.read_to_string(&mut msg).unwrap();
     assert!(msg.contains("max-clients=2"), "{msg}");
     assert_eq!(vm.clients(), 2);
+    // `microvm attach` relays the message and fails (status 1), not "console closed".
+    let (mut inp, mut out) = ([0; 2], [0; 2]);
+    // SAFETY: valid 2-element arrays for pipe(2).
+    unsafe {
+        assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
+    }
+    let opts = microvm::mux::AttachOptions {
+        target: p.display().to_string(),
+        ..Default::default()
+    };
+    let refused = microvm::mux::attach::attach_fds(&opts, inp[0], out[1]);
+    match refused {
+        Err(microvm::mux::MuxError::Refused(why)) => {
+            assert!(why.contains("console busy"), "{why}")
+        }
+        other => panic!("attach to a full console: {other:?}"),
+    }
+    for fd in [inp[0], inp[1], out[0], out[1]] {
+        // SAFETY: closing the pipe fds created above.
+        unsafe { libc::close(fd) };
+    }
     vm.stop();
     let _ = std::fs::remove_dir_all(d);
 }

@@ -6,7 +6,8 @@
 //! present a client certificate. With `--token-file F` the first line sent is
 //! `token SECRET` (the console protocol, `auth.rs`). On a token or TLS console the
 //! server's first line says the role (`microvm: ok writer` / `ok viewer`) or why it
-//! refused (then attach prints it and exits 1); it is not relayed.
+//! refused (then attach prints it and exits 1); it is not relayed. A plain console that
+//! is full sends "microvm: console busy: ..." and closes: attach relays it and exits 1.
 //!
 //! Raw mode when stdin is a tty (restored on every exit path). Keys (tty only):
 //! Ctrl-] or Ctrl-A d detaches; Ctrl-A Ctrl-A sends one Ctrl-A; any other Ctrl-A pair is
@@ -19,6 +20,7 @@ use super::auth::{self, Secret};
 use super::backend::Port;
 use super::backend::socket::Stream;
 use super::escape::{EscapeAction, EscapeKeys, EscapeParser};
+use super::listener::busy_refusal;
 use super::term::{self, RawMode};
 use super::tls::{self, TlsStream};
 use crate::logging::one_line;
@@ -31,6 +33,9 @@ use std::time::{Duration, Instant};
 
 /// Stop reading the keyboard while this much typed input waits for the socket.
 const MAX_OUTBOUND: usize = 64 << 10;
+/// What a plain console's connection keeps of its first bytes, to tell a "console busy"
+/// refusal (then closed) from a console that ended.
+const HEAD_KEPT: usize = 256;
 /// How long connecting, the TLS handshake and the server's first line may take.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -195,6 +200,8 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
     let mut parser = EscapeParser::new(EscapeKeys::Attach);
     let mut stdin_eof = false;
     let mut buf = vec![0u8; 64 << 10];
+    // The first bytes relayed, while fewer than HEAD_KEPT (dropped past that).
+    let mut head: Option<Vec<u8>> = Some(Vec::new());
     loop {
         let timeout = match &greeting {
             Some(g) => {
@@ -257,6 +264,9 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
                                     .to_string()
                             }));
                         }
+                        if let Some(refusal) = head.as_deref().and_then(busy_refusal) {
+                            return Err(MuxError::Refused(refusal));
+                        }
                         if tty {
                             say("\r\n[microvm attach: console closed]");
                         }
@@ -280,6 +290,12 @@ pub fn attach_fds(opts: &AttachOptions, input: RawFd, output: RawFd) -> Result<i
                             read_only |= role == "viewer";
                             announce(&format!(" as {}", one_line(role)), read_only);
                             greeting = None;
+                        }
+                        if let Some(h) = head.as_mut() {
+                            h.extend_from_slice(data);
+                            if h.len() > HEAD_KEPT {
+                                head = None;
+                            }
                         }
                         if write_all_fd(output, data).is_err() {
                             return Ok(0);

@@ -51,9 +51,19 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest accept back-off.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// The busy message a refused client gets.
+/// How the busy message starts.
+const BUSY_PREFIX: &str = "microvm: console busy: ";
+
+/// The busy message a refused client gets (then the connection is closed).
 pub(crate) fn busy_message(clients: usize, max: usize) -> String {
-    format!("microvm: console busy: already {clients} clients (max-clients={max})\r\n")
+    format!("{BUSY_PREFIX}already {clients} clients (max-clients={max})\r\n")
+}
+
+/// The refusal, when `all` (everything a connection received before it closed) is
+/// exactly a busy message: `microvm attach` then exits 1 instead of 0.
+pub(crate) fn busy_refusal(all: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(all).ok()?.strip_suffix("\r\n")?;
+    (line.starts_with(BUSY_PREFIX) && !line.contains('\n')).then(|| line.to_string())
 }
 
 /// Errors checking the open-file budget.
@@ -497,3 +507,25 @@ pub(crate) enum Keyboard {
 /// The notice a client gets when another holds the keyboard.
 pub(crate) const READ_ONLY_NOTICE: &str =
     "\r\n[microvm: another client has the keyboard; Ctrl-A w takes it over]\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_refusal_is_the_whole_busy_message_only() {
+        let msg = busy_message(2, 2);
+        assert_eq!(
+            busy_refusal(msg.as_bytes()).as_deref(),
+            Some(msg.trim_end())
+        );
+        for other in [
+            format!("boot log\r\n{msg}"),
+            format!("{msg}more output"),
+            msg.trim_end().to_string(),
+            String::new(),
+        ] {
+            assert_eq!(busy_refusal(other.as_bytes()), None, "{other:?}");
+        }
+    }
+}
