@@ -505,12 +505,6 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     // Before any console exists: the terminal is restored on every exit path from the
     // moment raw mode can be entered.
     crate::signals::install_for_vm(&exit, config.seccomp)?;
-    // Compiled beside the kernel load, off the start-up path (collected before the
-    // vCPUs start).
-    let filters = config
-        .seccomp
-        .then(Filters::build_in_background)
-        .transpose()?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
     let acpi_devices: Vec<acpi::AcpiDevice> = config
@@ -557,12 +551,13 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let stop = StopFlag::default();
     // Everything is set up: from here on each thread may do only what its filter allows.
     // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
-    let seccomp = match filters {
-        Some(pending) => Some(SeccompStart {
-            filters: Arc::new(pending.wait()?),
+    let seccomp = if config.seccomp {
+        Some(SeccompStart {
+            filters: Arc::new(Filters::build()?),
             gate: Arc::new(Barrier::new(usize::from(config.vcpus) + 1)),
-        }),
-        None => None,
+        })
+    } else {
+        None
     };
     let vcpus = start_vcpus(fds, config, &buses, &exit, &stop, seccomp.as_ref())?;
     for hub in &consoles.hubs {

@@ -57,9 +57,6 @@ pub enum SeccompError {
     /// The SIGSYS handler could not be installed.
     #[error("cannot install the seccomp SIGSYS handler: {0}")]
     Handler(io::Error),
-    /// The thread compiling the filters could not start, or died (a bug in this module).
-    #[error("the thread compiling the seccomp filters {0} (run with --no-seccomp to go without)")]
-    Compiler(&'static str),
 }
 
 /// The kinds of thread that get a filter.
@@ -122,36 +119,12 @@ impl Filters {
         Ok(Filters { vcpu, event_loop })
     }
 
-    /// Starts compiling both filters on a thread of its own, so that compiling costs
-    /// the start-up path no wall time: the caller loads the kernel meanwhile and
-    /// collects the filters with [`PendingFilters::wait`] before any vCPU starts. The
-    /// thread ends before that, so no unfiltered thread outlives the set-up.
-    pub fn build_in_background() -> Result<PendingFilters, SeccompError> {
-        std::thread::Builder::new()
-            .name("seccomp-build".into())
-            .spawn(Filters::build)
-            .map(PendingFilters)
-            .map_err(|_| SeccompError::Compiler("could not start"))
-    }
-
     /// The programs for `kind`.
     pub fn for_thread(&self, kind: ThreadKind) -> &[BpfProgram] {
         match kind {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::EventLoop => &self.event_loop,
         }
-    }
-}
-
-/// Filters being compiled by [`Filters::build_in_background`].
-pub struct PendingFilters(std::thread::JoinHandle<Result<Filters, SeccompError>>);
-
-impl PendingFilters {
-    /// Waits for the compiling thread to end and returns its filters.
-    pub fn wait(self) -> Result<Filters, SeccompError> {
-        self.0
-            .join()
-            .map_err(|_| SeccompError::Compiler("panicked"))?
     }
 }
 
