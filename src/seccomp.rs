@@ -13,7 +13,7 @@
 //! filters off for debugging.
 //!
 //! Where cheap, arguments are checked too: `ioctl` only with the request numbers the
-//! thread uses (`KVM_RUN` on vCPU threads), `mmap`/`mprotect` never with `PROT_EXEC`,
+//! thread uses (`KVM_RUN`, and `KVM_GET_REGS`/`KVM_GET_SREGS` to report a triple fault, on vCPU threads), `mmap`/`mprotect` never with `PROT_EXEC`,
 //! `tgkill` only towards this process, `fcntl` only for the status flags.
 
 use std::cell::Cell;
@@ -27,6 +27,15 @@ use seccompiler::{
 
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)` with `KVMIO` = 0xAE.
 pub const KVM_RUN: u64 = 0xAE80;
+/// `KVM_GET_REGS`: `_IOR(KVMIO, 0x81, struct kvm_regs)`.
+pub const KVM_GET_REGS: u64 = kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
+/// `KVM_GET_SREGS`: `_IOR(KVMIO, 0x83, struct kvm_sregs)`.
+pub const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
+
+/// `_IOR(KVMIO, nr, size)`: read direction (2) in bits 30-31, the size in bits 16-29.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
+}
 
 /// Test-only: set to `event-loop` or `vcpu` to make that thread attempt a forbidden
 /// syscall (`socket(AF_INET, ...)`) right after its filter is installed (or would have
@@ -230,11 +239,21 @@ pub fn vcpu_rules(pid: libc::pid_t) -> Rules {
     // `vcpu_open_errno_rules`.
     rules.insert(libc::SYS_open, Vec::new());
     rules.insert(libc::SYS_openat, Vec::new());
-    // KVM_RUN, and what restoring the terminal takes (panic hook, SIGQUIT, SIGSYS):
-    // glibc's tcsetattr reads the attributes back (TCGETS) after TCSETSF.
+    // KVM_RUN; the registers, read to report a triple fault; and what restoring the
+    // terminal takes (panic hook, SIGQUIT, SIGSYS): glibc's tcsetattr reads the
+    // attributes back (TCGETS) after TCSETSF.
     rules.insert(
         libc::SYS_ioctl,
-        any_of(1, &[KVM_RUN, libc::TCSETSF, libc::TCGETS])?,
+        any_of(
+            1,
+            &[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                libc::TCSETSF,
+                libc::TCGETS,
+            ],
+        )?,
     );
     Ok(rules)
 }
@@ -609,9 +628,11 @@ mod tests {
     }
 
     #[test]
-    fn kvm_run_number() {
-        // _IO(type, nr) = (type << 8) | nr.
+    fn kvm_ioctl_numbers() {
+        // _IO(type, nr) = (type << 8) | nr; the _IOR ones as <linux/kvm.h> gives them.
         assert_eq!(KVM_RUN, (0xAE << 8) | 0x80);
+        assert_eq!(KVM_GET_REGS, 0x8090_AE81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_AE83);
     }
 
     #[test]
@@ -694,9 +715,19 @@ mod tests {
     }
 
     #[test]
-    fn vcpu_ioctls_are_kvm_run_and_the_terminal_restore() {
+    fn vcpu_ioctls_are_kvm_run_register_reads_and_the_terminal_restore() {
         let vcpu = vcpu_rules(1).unwrap();
-        let want = any_of(1, &[KVM_RUN, libc::TCSETSF, libc::TCGETS]).unwrap();
+        let want = any_of(
+            1,
+            &[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                libc::TCSETSF,
+                libc::TCGETS,
+            ],
+        )
+        .unwrap();
         assert_eq!(vcpu[&libc::SYS_ioctl], want);
     }
 

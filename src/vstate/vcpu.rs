@@ -293,7 +293,12 @@ pub fn spawn(
                 let action = match vcpu.run() {
                     Ok(exit) => {
                         counts.count(&exit);
-                        handle_exit(exit, &buses, id)
+                        let shutdown = matches!(exit, VcpuExit::Shutdown);
+                        let action = handle_exit(exit, &buses, id);
+                        if shutdown {
+                            log::warn!("vCPU {id} at the triple fault: {}", guest_state(&vcpu));
+                        }
+                        action
                     }
                     Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                         ExitAction::Continue
@@ -321,6 +326,26 @@ pub fn spawn(
         thread: Some(thread),
         done,
     })
+}
+
+/// Where the guest was, in one line: what a triple fault (an early crash, a broken
+/// stack or IDT) is debugged from. Read-only ioctls the vCPU filter allows.
+fn guest_state(vcpu: &VcpuFd) -> String {
+    let regs = match vcpu.get_regs() {
+        Ok(r) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax
+        ),
+        Err(e) => format!("registers unreadable ({e})"),
+    };
+    let sregs = match vcpu.get_sregs() {
+        Ok(s) => format!(
+            "cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
+            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ),
+        Err(e) => format!("system registers unreadable ({e})"),
+    };
+    format!("{regs} {sregs}")
 }
 
 impl VcpuHandle {
@@ -368,6 +393,20 @@ mod tests {
             pio,
             mmio: Bus::new(),
             coalesced: None,
+        }
+    }
+
+    #[test]
+    fn guest_state_is_read_from_the_vcpu() {
+        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        (regs.rip, regs.rsp) = (0x1234, 0x5678);
+        vcpu.set_regs(&regs).unwrap();
+        let line = guest_state(&vcpu);
+        for want in ["rip=0x1234 ", "rsp=0x5678 ", "cr0=", "idt="] {
+            assert!(line.contains(want), "{want} in {line}");
         }
     }
 
