@@ -13,8 +13,9 @@
 //! filters off for debugging.
 //!
 //! Where cheap, arguments are checked too: `ioctl` only with the request numbers the
-//! thread uses (`KVM_RUN`, and `KVM_GET_REGS`/`KVM_GET_SREGS` to report a triple fault, on vCPU threads), `mmap`/`mprotect` never with `PROT_EXEC`,
-//! `tgkill` only towards this process, `fcntl` only for the status flags.
+//! thread uses (on vCPU threads `KVM_RUN`, and `KVM_GET_REGS`/`KVM_GET_SREGS` to say
+//! where the guest was at a triple fault or a timeout), `mmap`/`mprotect` never with
+//! `PROT_EXEC`, `tgkill` only towards this process, `fcntl` only for the status flags.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -239,9 +240,9 @@ pub fn vcpu_rules(pid: libc::pid_t) -> Rules {
     // `vcpu_open_errno_rules`.
     rules.insert(libc::SYS_open, Vec::new());
     rules.insert(libc::SYS_openat, Vec::new());
-    // KVM_RUN; the registers, read to report a triple fault; and what restoring the
-    // terminal takes (panic hook, SIGQUIT, SIGSYS): glibc's tcsetattr reads the
-    // attributes back (TCGETS) after TCSETSF.
+    // KVM_RUN; the registers, read to report a triple fault or a timeout; and what
+    // restoring the terminal takes (panic hook, SIGQUIT, SIGSYS): glibc's tcsetattr
+    // reads the attributes back (TCGETS) after TCSETSF.
     rules.insert(
         libc::SYS_ioctl,
         any_of(

@@ -317,6 +317,14 @@ fn expect_patterns_in_order_end_the_run_with_zero() {
     assert_eq!(r.status, 124, "stderr: {}", r.stderr);
     assert!(r.stderr.contains("--timeout 2s expired"), "{}", r.stderr);
     assert!(r.stderr.contains("  | step two"), "{}", r.stderr);
+    // Where the stuck guest was: SPIN (jmp $) right after the 14-byte print loop.
+    let spin = u64::from(LOAD_ADDR) + 14;
+    assert!(
+        r.stderr
+            .contains(&format!("vCPU 0 when the time ran out: rip={spin:#x} ")),
+        "{}",
+        r.stderr
+    );
     assert!(
         !r.stderr.contains("  | step one"),
         "one tail line only: {}",

@@ -312,6 +312,10 @@ pub fn spawn(
                     break;
                 }
             }
+            // A guest that ran out of time is often stuck: say where, for whoever debugs it.
+            if let Some(ExitReason::Timeout(_)) = exit.reason() {
+                log::warn!("vCPU {id} when the time ran out: {}", guest_state(&vcpu));
+            }
             // What the guest wrote last reaches its device before the VM is torn down.
             buses.drain_coalesced();
             if let Some(ring) = &buses.coalesced {
@@ -329,8 +333,15 @@ pub fn spawn(
 }
 
 /// Where the guest was, in one line: what a triple fault (an early crash, a broken
-/// stack or IDT) is debugged from. Read-only ioctls the vCPU filter allows.
+/// stack or IDT) is debugged from. Read-only ioctls the vCPU filter allows. On AMD,
+/// KVM resets the vCPU when it reports the shutdown (the VMCB is undefined after one),
+/// so all that is left is the reset state: said so instead of printing it.
 fn guest_state(vcpu: &VcpuFd) -> String {
+    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs())
+        && (r.rip, s.cs.selector, s.cr0 & 1) == (0xfff0, 0xf000, 0)
+    {
+        return "unknown, KVM had already reset the vCPU (on AMD it does so at a shutdown)".into();
+    }
     let regs = match vcpu.get_regs() {
         Ok(r) => format!(
             "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
@@ -408,6 +419,19 @@ mod tests {
         for want in ["rip=0x1234 ", "rsp=0x5678 ", "cr0=", "idt="] {
             assert!(line.contains(want), "{want} in {line}");
         }
+        // The reset state (what AMD leaves after a shutdown) is not presented as where
+        // the guest was.
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.selector = 0xf000;
+        sregs.cr0 = 0x6000_0010;
+        vcpu.set_sregs(&sregs).unwrap();
+        regs.rip = 0xfff0;
+        vcpu.set_regs(&regs).unwrap();
+        assert!(
+            guest_state(&vcpu).starts_with("unknown"),
+            "{}",
+            guest_state(&vcpu)
+        );
     }
 
     #[test]
