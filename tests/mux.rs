@@ -176,6 +176,25 @@ fn non_reading_client_is_cut_off_others_get_every_byte() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// `microvm attach`'s stdin and stdout for its client code: two pipes (read, write ends).
+fn attach_pipes() -> ([i32; 2], [i32; 2]) {
+    let (mut inp, mut out) = ([0; 2], [0; 2]);
+    // SAFETY: valid 2-element arrays for pipe(2).
+    unsafe {
+        assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
+    }
+    (inp, out)
+}
+
+/// `microvm attach SOCKET`.
+fn attach_to(sock: &Path) -> microvm::mux::AttachOptions {
+    microvm::mux::AttachOptions {
+        target: sock.display().to_string(),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn clients_beyond_the_limit_are_refused_with_a_message() {
     let d = tmpdir("limit");
@@ -190,16 +209,8 @@ fn clients_beyond_the_limit_are_refused_with_a_message() {
     assert!(msg.contains("max-clients=2"), "{msg}");
     assert_eq!(vm.clients(), 2);
     // `microvm attach` relays the message and fails (status 1), not "console closed".
-    let (mut inp, mut out) = ([0; 2], [0; 2]);
-    // SAFETY: valid 2-element arrays for pipe(2).
-    unsafe {
-        assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
-    }
-    let opts = microvm::mux::AttachOptions {
-        target: p.display().to_string(),
-        ..Default::default()
-    };
+    let (inp, out) = attach_pipes();
+    let opts = attach_to(&p);
     let refused = microvm::mux::attach::attach_fds(&opts, inp[0], out[1]);
     match refused {
         Err(microvm::mux::MuxError::Refused(why)) => {
@@ -313,17 +324,8 @@ fn attach_relays_both_ways() {
     let vm = Vm::start(&format!("sock={}", p.display()));
     vm.writer.clone().write_all(b"history;").unwrap();
     wait_until("history", || !vm.hub.lock().unwrap().history().is_empty());
-    let mut inp = [0; 2];
-    let mut out = [0; 2];
-    // SAFETY: valid 2-element arrays for pipe(2).
-    unsafe {
-        assert_eq!(libc::pipe(inp.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(out.as_mut_ptr()), 0);
-    }
-    let opts = microvm::mux::AttachOptions {
-        target: p.display().to_string(),
-        ..Default::default()
-    };
+    let (inp, out) = attach_pipes();
+    let opts = attach_to(&p);
     let t = std::thread::spawn(move || microvm::mux::attach::attach_fds(&opts, inp[0], out[1]));
     wait_until("attached", || vm.clients() == 1);
     // SAFETY: writing to our pipe's write end.
