@@ -337,26 +337,28 @@ pub fn spawn(
 /// KVM resets the vCPU when it reports the shutdown (the VMCB is undefined after one),
 /// so all that is left is the reset state: said so instead of printing it.
 fn guest_state(vcpu: &VcpuFd) -> String {
-    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs())
-        && (r.rip, s.cs.selector, s.cr0 & 1) == (0xfff0, 0xf000, 0)
-    {
+    let (r, s) = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => (r, s),
+        (Err(e), _) | (_, Err(e)) => return format!("unknown, its registers are unreadable ({e})"),
+    };
+    if (r.rip, s.cs.selector, s.cr0 & 1) == (0xfff0, 0xf000, 0) {
         return "unknown, KVM had already reset the vCPU (on AMD it does so at a shutdown)".into();
     }
-    let regs = match vcpu.get_regs() {
-        Ok(r) => format!(
-            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x}",
-            r.rip, r.rsp, r.rflags, r.rax
-        ),
-        Err(e) => format!("registers unreadable ({e})"),
-    };
-    let sregs = match vcpu.get_sregs() {
-        Ok(s) => format!(
-            "cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
-            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
-        ),
-        Err(e) => format!("system registers unreadable ({e})"),
-    };
-    format!("{regs} {sregs}")
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
+        r.rip,
+        r.rsp,
+        r.rflags,
+        r.rax,
+        s.cs.selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer,
+        s.idt.base,
+        s.idt.limit
+    )
 }
 
 impl VcpuHandle {
