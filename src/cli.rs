@@ -67,22 +67,25 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
-/// Subcommands.
+/// Subcommands. Each one's options (and help text: its struct's doc comment) are built
+/// only when it is invoked (`defer`): booting a VM, the common case, builds neither
+/// table.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum Command {
-    /// Attach this terminal to a running VM's console (a unix socket or tcp://HOST:PORT).
+    /// Attach this terminal to a running VM's console (see `microvm attach --help`).
     Attach(AttachArgs),
-    /// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
-    /// program, its shared libraries, busybox, --include'd files, the console's modules
-    /// from --modules), runs PROGRAM ARGS as the guest's workload with its output on the
-    /// console, and exits with its exit status.
+    /// Run a host program in a fresh kernel (see `microvm run --help`).
     #[command(
         after_help = "Example:\n  microvm run --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) -- /bin/uname -a"
     )]
     Run(Box<RunCommand>),
 }
 
-/// `microvm run`'s options.
+/// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
+/// program, its shared libraries, busybox, --include'd files, the console's modules
+/// from --modules), runs PROGRAM ARGS as the guest's workload with its output on the
+/// console, and exits with its exit status.
 #[derive(Debug, Args)]
 pub struct RunCommand {
     /// VM options (as for booting a VM; --initrd is not taken: the initramfs is built).
@@ -103,7 +106,7 @@ pub struct RunCommand {
     pub program: Vec<String>,
 }
 
-/// `microvm attach` options.
+/// Attach this terminal to a running VM's console (a unix socket or tcp://HOST:PORT).
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// The console: a unix socket path (`--console sock=PATH`) or tcp://HOST:PORT.
