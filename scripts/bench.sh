@@ -21,8 +21,9 @@
 # BENCH_BASELINE_BIN: an earlier microvm build (e.g. the last release), run beside this one
 # in the hvc section with one backend and with four, so a change shows as "not slower"
 # side by side in the same run. BENCH_MICROVM_ARGS adds microvm options. Times come from
-# tools/vmmtime.rs on the VMM's stdout; VM exits per byte from KVM's debugfs counters. RSS excl. guest: /proc/PID/smaps
-# Rss of all mappings minus the anonymous mapping(s) at least as large as guest memory.
+# tools/vmmtime.rs on the VMM's stdout; VM exits per byte from KVM's debugfs counters.
+# RSS excl. guest: /proc/PID/smaps Rss of all mappings minus the anonymous mapping(s) at
+# least as large as guest memory.
 # Prints a markdown snippet on stdout (also in $MICROVM_CACHE/bench/last.md).
 set -euo pipefail
 LOG_TAG=bench

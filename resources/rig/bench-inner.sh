@@ -107,6 +107,8 @@ reader() {
 # Ends the reader once its run is over: a VMM stuck in the kernel (vmmtime reports it
 # "unkillable") keeps the socket open, and waiting for the reader would hang the bench.
 end_reader() { kill "$rpid" 2>/dev/null; wait "$rpid" 2>/dev/null; }
+# The last text lines of a run's log (a flood's binary bytes left out).
+log_tail() { tail -c 8192 "$1" | strings -n 8 | tail -n 15; }
 run() { # case i mark -- cmd...
     c=$1 i=$2 m=$3; shift 4
     log="$tmp/$cfg-$c-$i.log"
@@ -117,8 +119,8 @@ run() { # case i mark -- cmd...
     bt=$(sed -n 's/.*boot time: \([0-9.]*\) ms.*/\1/p' "$log" | head -n1)
     echo "BENCH $cfg $c $i ${r#vmmtime: } boot_timer_ms=${bt:--}"
     case "$r" in
-        *init_ms=-*|*status=[!0]*|*status=0[0-9]*) echo "$c run $i failed or never reached its marker; its log's last text lines:"; tail -c 8192 "$log" | strings -n 8 | tail -n 15 ;;
-        *at1_ms=[0-9]*at2_ms=-*) echo "$c run $i: the end marker never reached stdout (the guest stopped mid-flood); its log's last text lines:"; tail -c 8192 "$log" | strings -n 8 | tail -n 15 ;;
+        *init_ms=-*|*status=[!0]*|*status=0[0-9]*) echo "$c run $i failed or never reached its marker; its log's last text lines:"; log_tail "$log" ;;
+        *at1_ms=[0-9]*at2_ms=-*) echo "$c run $i: the end marker never reached stdout (the guest stopped mid-flood); its log's last text lines:"; log_tail "$log" ;;
     esac
 }
 
