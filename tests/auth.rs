@@ -1,17 +1,22 @@
-//! Who may type into the guest: authenticated console listeners with real TCP sockets,
-//! a real hub on an event loop (no KVM), `microvm attach`'s client code, and plain tools
-//! (`openssl s_client`, `curl`, installed by scripts/deps.sh).
+//! Host tier (docs/TESTING.md): who may type into the guest. Authenticated console
+//! listeners with real TCP sockets, a real hub on an event loop (no KVM), `microvm
+//! attach`'s client code, and plain tools (`openssl s_client`, `curl`, installed by
+//! scripts/deps.sh); at the end the whole path in the real binary with its seccomp
+//! filters on, a tiny real-mode guest on the host's KVM.
 
-#[path = "common/hub.rs"]
-mod hub;
-#[path = "common/pki.rs"]
-mod pki;
+mod common;
 
-use hub::{TIMEOUT, Vm, tmpdir, wait_until};
+use common::fs::tmpdir;
+use common::hub::Vm;
+use common::net::{free_port, read_until, tcp_connect};
+use common::proc::{MICROVM, pipe, pump};
+use common::tiny::echo_guest;
+use common::vmm::Vmm;
+use common::{pki, wait_until};
 use microvm::mux::{AttachOptions, HubConfig, MuxError};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -71,12 +76,6 @@ fn addr(vm: &Vm) -> SocketAddr {
     vm.hub.lock().unwrap().tcp_addrs()[0]
 }
 
-fn tcp(a: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(a).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s
-}
-
 /// Everything until the server closes (a read timeout fails the test).
 fn read_to_close(s: &mut TcpStream) -> String {
     let mut v = Vec::new();
@@ -88,18 +87,6 @@ fn read_to_close(s: &mut TcpStream) -> String {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => panic!("no end from the server: {e} (got {v:?})"),
         }
-    }
-    String::from_utf8_lossy(&v).into_owned()
-}
-
-/// Reads until `needle` has arrived; returns all read.
-fn read_until(s: &mut TcpStream, needle: &str) -> String {
-    let mut v = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&v).contains(needle) {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "closed before {needle:?}: {v:?}");
-        v.extend_from_slice(&buf[..n]);
     }
     String::from_utf8_lossy(&v).into_owned()
 }
@@ -118,14 +105,6 @@ struct Attached {
     output: Arc<Mutex<Vec<u8>>>,
     run: JoinHandle<Result<i32, MuxError>>,
     reader: JoinHandle<()>,
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: a valid 2-element array for pipe(2).
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: both fds are fresh and ours.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 fn attach(opts: AttachOptions) -> Attached {
@@ -206,7 +185,7 @@ fn strangers_and_web_pages_reach_nothing_and_are_told_why() {
         (&[b'x'; 4096], "expected 'token SECRET'"),
     ];
     for (sent, told) in attempts {
-        let mut c = tcp(a);
+        let mut c = tcp_connect(a);
         c.write_all(sent).unwrap();
         let reply = read_to_close(&mut c);
         assert!(reply.contains(told), "{sent:?} was told {reply:?}");
@@ -230,7 +209,7 @@ fn viewer_token_watches_writer_token_types() {
     vm.writer.clone().write_all(b"history;").unwrap();
     wait_until("history", || !vm.hub.lock().unwrap().history().is_empty());
     let a = addr(&vm);
-    let mut viewer = tcp(a);
+    let mut viewer = tcp_connect(a);
     viewer
         .write_all(format!("token {VIEWER}\n").as_bytes())
         .unwrap();
@@ -238,7 +217,7 @@ fn viewer_token_watches_writer_token_types() {
     assert_eq!(got, "microvm: ok viewer\r\nhistory;");
     viewer.write_all(b"rm -rf /\n").unwrap();
     // The writer types ahead in the same write as its token line.
-    let mut writer = tcp(a);
+    let mut writer = tcp_connect(a);
     writer
         .write_all(format!("token {WRITER}\r\ntyped-ahead\n").as_bytes())
         .unwrap();
@@ -258,7 +237,7 @@ fn viewer_token_watches_writer_token_types() {
 
     // On a read-only console even the writer's token only watches.
     let vm = Vm::start(&s.tokens_spec(":ro"));
-    let mut c = tcp(addr(&vm));
+    let mut c = tcp_connect(addr(&vm));
     c.write_all(format!("token {WRITER}\nx\n").as_bytes())
         .unwrap();
     read_until(&mut c, "microvm: ok viewer\r\n");
@@ -276,7 +255,7 @@ fn silent_connections_cannot_stall_the_guest_or_lock_out_clients() {
     let a = addr(&vm);
     // Ten connections that never say a word: the first two make room for the rest
     // (eight may wait), and every one is closed by its deadline.
-    let mut silent: Vec<TcpStream> = (0..10).map(|_| tcp(a)).collect();
+    let mut silent: Vec<TcpStream> = (0..10).map(|_| tcp_connect(a)).collect();
     // Meanwhile the guest prints and a real client gets in, types and reads.
     let c = attach(opts(a, Some(&s.writer), Some(&s.pki.ca)));
     vm.writer.clone().write_all(b"guest goes on\r\n").unwrap();
@@ -309,7 +288,7 @@ fn silent_connections_cannot_stall_the_guest_or_lock_out_clients() {
         ..HubConfig::default()
     };
     let vm = Vm::start_with(&s.tokens_spec(""), cfg);
-    let mut slow = tcp(addr(&vm));
+    let mut slow = tcp_connect(addr(&vm));
     slow.write_all(b"token writer-sec").unwrap();
     assert_eq!(
         read_to_close(&mut slow),
@@ -453,4 +432,73 @@ fn client_certificates_are_checked() {
         b"with a certificate\nfrom openssl\n",
         "only certified clients typed"
     );
+}
+
+// ---- the real binary ---------------------------------------------------------------------
+
+/// The whole path, seccomp filters on: a TLS console with tokens on the event loop; a
+/// silent connection and an HTTP POST meanwhile; `microvm attach` over TLS drives the
+/// echo guest, which powers off on `q`.
+#[test]
+fn tls_token_console_under_seccomp_with_attach() {
+    let d = tmpdir("tls-console");
+    let p = pki::Pki::make(&d).unwrap();
+    let token = pki::token(&d, "vm.token", "kvm-tiny-secret-0123456789").unwrap();
+    let port = free_port();
+    let spec = format!(
+        "mux:stdio,tcp=127.0.0.1:{port}:token-file={}:tls-cert={}:tls-key={}",
+        token.display(),
+        p.server_cert.display(),
+        p.server_key.display()
+    );
+    let mut vm = Vmm::start(
+        "tls-console",
+        &echo_guest(),
+        &["--console", &spec],
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    let silent = tcp_connect(([127, 0, 0, 1], port).into());
+    let curl = pki::curl_post_pwned(&format!("https://127.0.0.1:{port}/"), Some(&p.ca));
+    let body = String::from_utf8_lossy(&curl.stdout);
+    assert!(
+        body.contains("not a web server"),
+        "curl over TLS got {body:?}, {}; microvm: {}",
+        String::from_utf8_lossy(&curl.stderr),
+        vm.stderr()
+    );
+    let mut attach = Command::new(MICROVM)
+        .args(["attach", &format!("tcp://127.0.0.1:{port}"), "--token-file"])
+        .arg(&token)
+        .arg("--ca")
+        .arg(&p.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let attached = Arc::new(Mutex::new(Vec::new()));
+    pump(attach.stdout.take().unwrap(), attached.clone());
+    let mut input = attach.stdin.take().unwrap();
+    input.write_all(b"hello over tls").unwrap();
+    vm.wait_for("the echo", |v| v.stdout_has(b"hello over tls"));
+    wait_until("attach to get the echo", || {
+        String::from_utf8_lossy(&attached.lock().unwrap()).contains("hello over tls")
+    });
+    input.write_all(b"q").unwrap();
+    let st = vm.wait();
+    assert_eq!(st.code(), Some(0), "stderr {}", vm.stderr());
+    assert!(
+        vm.stderr().contains("an HTTP request"),
+        "the refusal is logged: {}",
+        vm.stderr()
+    );
+    assert!(attach.wait().unwrap().success());
+    assert_eq!(
+        String::from_utf8_lossy(&attached.lock().unwrap()),
+        "hello over tlsq",
+        "attach relays the console only"
+    );
+    drop(silent);
+    let _ = std::fs::remove_dir_all(d);
 }

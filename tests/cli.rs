@@ -1,13 +1,17 @@
-//! The real binary's command line: every bad input gets one clear line on stderr and the
-//! documented exit status (2 usage, 1 runtime), with no panic and no hang.
+//! Host tier (docs/TESTING.md): the real binary's command line. Every bad input gets one
+//! clear line on stderr and the documented exit status (2 usage, 1 runtime), with no
+//! panic and no hang; the runs that reach console set-up use a tiny real-mode guest.
 
+mod common;
+
+use common::TIMEOUT;
+use common::fs::{mkfifo, tmp_path, tmpdir};
+use common::proc::MICROVM;
+use common::tiny::poweroff_image;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-const MICROVM: &str = env!("CARGO_BIN_EXE_microvm");
+use std::process::Command;
 
 struct Out {
     code: i32,
@@ -25,42 +29,14 @@ fn microvm_env(args: &[&str], env: &[(&str, &str)]) -> Out {
     run_bounded(cmd)
 }
 
-/// Runs `cmd` (stdin /dev/null) and fails the test if it does not end within 30 s: no
-/// bad input may make microvm hang.
-fn run_bounded(mut cmd: Command) -> Out {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut so, &mut v).unwrap();
-        v
-    });
-    let err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut se, &mut v).unwrap();
-        v
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            let _ = child.wait();
-            panic!("microvm hung: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+/// Runs `cmd` (stdin /dev/null) and fails the test if it does not end within
+/// [`TIMEOUT`]: no bad input may make microvm hang.
+fn run_bounded(cmd: Command) -> Out {
+    let r = common::proc::run_bounded(cmd, None, TIMEOUT);
     Out {
-        code: status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&err.join().unwrap()).into_owned(),
-        stdout: String::from_utf8_lossy(&out.join().unwrap()).into_owned(),
+        code: r.status,
+        stderr: r.stderr,
+        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
     }
 }
 
@@ -73,19 +49,11 @@ fn assert_error(o: &Out, code: i32, needle: &str) {
         o.stderr
     );
     assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = common::lines(&o.stderr);
     // clap's usage errors add a usage hint; ours are exactly one line.
     if o.stderr.starts_with("microvm:") {
         assert_eq!(lines.len(), 1, "{}", o.stderr);
     }
-}
-
-/// A fresh empty directory for one test.
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("microvm-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// The names in `dir`, sorted.
@@ -98,23 +66,10 @@ fn listing(dir: &Path) -> Vec<String> {
     v
 }
 
-/// A tiny real-mode guest that powers off at once (ACPI S5): reaches console set-up.
-fn poweroff_image(dir: &Path) -> PathBuf {
-    let p = dir.join("poweroff.bin");
-    std::fs::write(&p, [0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4]).unwrap();
-    p
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("microvm-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 /// A syntactically valid 64-bit bzImage header with a tiny payload: enough for the loader
 /// to place it, so that the checks after loading (initrd, command line) can be reached.
 fn fake_bzimage() -> PathBuf {
-    let p = tmp("fake-bzImage");
+    let p = tmp_path("fake-bzImage");
     std::fs::write(&p, fake_bzimage_bytes()).unwrap();
     p
 }
@@ -208,17 +163,17 @@ fn missing_unreadable_and_garbage_kernels() {
         1,
         "not a regular file",
     );
-    let empty = tmp("empty");
+    let empty = tmp_path("empty");
     std::fs::write(&empty, b"").unwrap();
     assert_error(&microvm(&["--kernel", empty.to_str().unwrap()]), 1, "empty");
-    let garbage = tmp("garbage");
+    let garbage = tmp_path("garbage");
     std::fs::write(&garbage, vec![0x5au8; 65536]).unwrap();
     assert_error(
         &microvm(&["--kernel", garbage.to_str().unwrap()]),
         1,
         "no bzImage header",
     );
-    let elf = tmp("elf");
+    let elf = tmp_path("elf");
     std::fs::write(&elf, b"\x7fELF\x02\x01\x01\0truncated").unwrap();
     assert_error(&microvm(&["--kernel", elf.to_str().unwrap()]), 1, "ELF");
 }
@@ -232,7 +187,7 @@ fn paths_with_control_characters_stay_on_one_line() {
 #[test]
 fn initrd_larger_than_memory() {
     let k = fake_bzimage();
-    let rd = tmp("big-initrd");
+    let rd = tmp_path("big-initrd");
     std::fs::write(&rd, vec![0u8; 40 << 20]).unwrap();
     let o = microvm(&[
         "--kernel",
@@ -364,9 +319,7 @@ fn stdio_on_two_consoles_is_a_usage_error() {
 fn kernel_fifo_device_and_directory_do_not_hang() {
     let d = tmpdir("fifo");
     let fifo = d.join("fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     let f = fifo.to_str().unwrap();
     for args in [
         &["--kernel", f][..],
@@ -776,9 +729,7 @@ fn console_log_fifo_without_a_reader_fails_at_once() {
     let d = tmpdir("logfifo");
     let img = poweroff_image(&d);
     let fifo = d.join("log.fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo);
     let o = microvm(&[
         "--real-mode-image",
         img.to_str().unwrap(),

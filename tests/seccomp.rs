@@ -1,41 +1,26 @@
-//! Tier 2: the seccomp filters really refuse. The real binary runs a tiny real-mode guest on
-//! the host's KVM with the test-only `MICROVM_TEST_SECCOMP_VIOLATION` hook, which makes the
-//! event loop or a vCPU thread call `socket(AF_INET, ...)` right after its filter is
-//! installed: microvm must die with one line naming the thread and the syscall, status 1,
-//! and the terminal restored; with `--no-seccomp` the same run must go on as usual.
+//! Host tier (docs/TESTING.md): a thread of the real binary that breaks the rules, under
+//! its seccomp filter, with a tiny real-mode guest on the host's KVM. The test-only
+//! `MICROVM_TEST_SECCOMP_VIOLATION` hook makes the event loop or a vCPU thread call
+//! `socket(AF_INET, ...)` right after its filter is installed: microvm must die with one
+//! line naming the thread and the syscall, status 1, and the terminal restored; with
+//! `--no-seccomp` the same run must go on as usual. The `MICROVM_TEST_PANIC` hook panics
+//! on a filtered thread: status 1, one line, the report, and no seccomp trip.
 
-#[path = "common/pty.rs"]
-mod pty;
+mod common;
 
+use common::proc::MICROVM;
+use common::tiny::{self, hello_guest, spin_guest};
+use common::{fs::tmpdir, pty};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-const MICROVM: &str = env!("CARGO_BIN_EXE_microvm");
 const HOOK: &str = "MICROVM_TEST_SECCOMP_VIOLATION";
-const LOAD_ADDR: u16 = 0x1000;
 
-/// Prints a NUL-terminated message to COM1, then powers off (ACPI S5), as in kvm_tiny.rs.
-fn hello_guest(msg: &str) -> Vec<u8> {
-    let mut c = vec![0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    let [lo, hi] = (LOAD_ADDR + 21).to_le_bytes();
-    c.extend([0xbe, lo, hi]); // mov si, msg
-    c.extend([0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]); // lodsb; test; jz; out; jmp
-    c.extend([0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4]); // mov dx,0x600; mov al,0x34; out; hlt
-    assert_eq!(c.len(), 21);
-    c.extend(msg.as_bytes());
-    c.push(0);
-    c
-}
-
+/// The guest of these runs: prints "hello", powers off.
 fn image(name: &str) -> PathBuf {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (any KVM, PVM included)"
-    );
-    let p = std::env::temp_dir().join(format!("microvm-seccomp-{}-{name}.bin", std::process::id()));
-    std::fs::write(&p, hello_guest("hello\n")).unwrap();
-    p
+    tiny::need_kvm();
+    tiny::image(name, &hello_guest("hello\n"))
 }
 
 fn run(name: &str, hook: Option<&str>, extra: &[&str]) -> Output {
@@ -143,4 +128,37 @@ fn violation_on_a_terminal_restores_it() {
         assert_eq!(lflag(&slave), cooked, "{hook}: terminal not restored");
         drop(master);
     }
+}
+
+/// A panic on a vCPU thread (under its seccomp filter) or on the event loop ends the
+/// VM with status 1, one line saying where, and the report (the old VMM's vCPU panic left
+/// the VM hung; under the filters its panic hook tripped seccomp).
+#[test]
+fn a_panic_on_any_thread_ends_the_vm_with_status_1() {
+    let d = tmpdir("panic");
+    for thread in ["vcpu", "event-loop"] {
+        let report = d.join(format!("{thread}.json"));
+        let img = tiny::image(thread, &spin_guest());
+        let out = Command::new(MICROVM)
+            .arg("--real-mode-image")
+            .arg(&img)
+            .args(["--console", "ring", "--report", report.to_str().unwrap()])
+            .env("MICROVM_TEST_PANIC", thread)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(img);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{thread}: {stderr}");
+        assert!(
+            stderr.contains("internal error: thread"),
+            "{thread}: {stderr}"
+        );
+        assert!(stderr.contains("MICROVM_TEST_PANIC"), "{thread}: {stderr}");
+        assert!(!stderr.contains("seccomp"), "{thread}: {stderr}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(j["exit"]["reason"], "error", "{thread}");
+    }
+    let _ = std::fs::remove_dir_all(d);
 }

@@ -1,36 +1,14 @@
 //! A real console hub on an event-loop thread, with a UART-like frontend drained by a
-//! "guest" thread, for the hub's integration tests (tests/mux.rs, tests/auth.rs):
-//! `#[path = "common/hub.rs"] mod hub;`. No KVM.
-#![allow(dead_code)] // each crate uses a part
+//! "guest" thread, for the hub's integration tests (tests/mux*.rs, tests/auth.rs). No KVM.
 
 use event_manager::{EventManager, SubscriberOps};
 use microvm::mux::{ConsoleSpec, FrontendInput, Hub, HubConfig, HubWriter};
-use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-pub const TIMEOUT: Duration = Duration::from_secs(20);
-
-pub fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mvmux-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// A UART-like frontend: 64-byte FIFO, drained by a "guest" thread that signals an eventfd.
 pub struct MockUart {
@@ -145,18 +123,7 @@ impl Vm {
     }
 }
 
-pub fn connect(p: &Path) -> UnixStream {
-    let s = UnixStream::connect(p).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s
-}
-
-pub fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
-    let mut v = vec![0; n];
-    s.read_exact(&mut v).unwrap();
-    v
-}
-
+/// `n` pseudo-random bytes (xorshift from `seed`): a stream whose every byte is checked.
 pub fn pattern(n: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);
     (0..n)

@@ -1,7 +1,5 @@
 //! Test certificates and tokens, made at test time with rcgen (no committed keys, no
-//! openssl needed where the tests run, e.g. inside the nested rig):
-//! `#[path = "common/pki.rs"] mod pki;` (`../common/pki.rs` from tests/boot).
-#![allow(dead_code)] // each crate uses a part
+//! openssl needed where the tests run, e.g. inside the nested rig).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

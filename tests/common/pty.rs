@@ -1,6 +1,4 @@
-//! Pseudo-terminals for tests that give microvm a real terminal as stdio. Shared by the
-//! test crates: `#[path = "common/pty.rs"] mod pty;` (`../common/pty.rs` from tests/boot).
-#![allow(dead_code)] // each crate uses a part
+//! Pseudo-terminals for tests that give microvm a real terminal as stdio.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
