@@ -1,6 +1,7 @@
 //! The core boot cases: init, SMP, shell input, reboot/poweroff/panic exit statuses, memory.
 
-use crate::{CaseFn, Ctx, INIT_MARK, SHELL_MARK};
+use crate::vm::Ctx;
+use crate::{CaseFn, INIT_MARK, SHELL_MARK};
 
 pub const CASES: &[(&str, CaseFn)] = &[
     ("boots_to_init", boots_to_init),

@@ -4,7 +4,11 @@
 
 use std::time::Instant;
 
-use crate::{CaseFn, Client, Ctx, INIT_MARK, Scratch, ci_example_dir, contains};
+use crate::common::contains;
+use crate::common::fs::Scratch;
+use crate::prepare::ci_example_dir;
+use crate::vm::{Client, Ctx};
+use crate::{CaseFn, INIT_MARK};
 
 pub const CASES: &[(&str, CaseFn)] = &[
     (

@@ -10,10 +10,12 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{
-    CaseFn, Client, Ctx, INIT_MARK, SHELL_MARK, Scratch, connect, contains, find, md5_hex, pki,
-    pty, pump, wait_until,
-};
+use crate::common::fs::Scratch;
+use crate::common::net::{connect_until, free_port};
+use crate::common::proc::pump;
+use crate::common::{contains, find, pki, poll_until, pty};
+use crate::vm::{Client, Ctx, md5_hex};
+use crate::{CaseFn, INIT_MARK, SHELL_MARK};
 
 pub const CASES: &[(&str, CaseFn)] = &[
     (
@@ -89,7 +91,7 @@ fn console_mux_same_stream_everywhere(ctx: &Ctx) -> Result<(), String> {
         attach_out.clone(),
     );
     let res = (|| {
-        wait_until(
+        poll_until(
             deadline,
             "the boot log replayed to `microvm attach`",
             || contains(&attach_out.lock().unwrap(), b"STDIN-5"),
@@ -98,7 +100,7 @@ fn console_mux_same_stream_everywhere(ctx: &Ctx) -> Result<(), String> {
         input
             .write_all(b"echo ATTACH-$((3*3))\n")
             .map_err(|e| format!("writing to microvm attach: {e}"))?;
-        wait_until(deadline, "ATTACH-9 echoed to `microvm attach`", || {
+        poll_until(deadline, "ATTACH-9 echoed to `microvm attach`", || {
             contains(&attach_out.lock().unwrap(), b"ATTACH-9")
         })
     })();
@@ -171,12 +173,12 @@ fn console_flood_stalled_client(ctx: &Ctx) -> Result<(), String> {
     let mut vm = ctx.spawn(&["--console", &spec, "--cmdline", &cmd])?;
     let deadline = vm.deadline;
     let reader = Client::connect("reader", &sock, deadline).map_err(|e| vm.fail(&e))?;
-    let stalled = connect(&sock, deadline)?;
+    let stalled = connect_until(&sock, deadline)?;
     let quitter = Client::connect("quitter", &sock, deadline)?;
     vm.wait_for(INIT_MARK)?;
     vm.wait_for("FLOOD-MD5-")?;
     // The quitter leaves once the flood is under way.
-    wait_until(deadline, "the flood to start", || {
+    poll_until(deadline, "the flood to start", || {
         quitter.bytes().len() > 64 << 10 && contains(&quitter.bytes(), b"FLOOD-BEGIN-2")
     })
     .map_err(|e| vm.fail(&e))?;
@@ -450,10 +452,7 @@ fn console_tls_token_shell(ctx: &Ctx) -> Result<(), String> {
     let dir = Scratch::new("tls")?;
     let certs = pki::Pki::make(&dir.path(""))?;
     let token = pki::token(&dir.path(""), "vm.token", "boot-rig-secret-0123456789")?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
+    let port = free_port();
     let spec = format!(
         "mux:stdio,tcp=127.0.0.1:{port}:token-file={}:tls-cert={}:tls-key={}",
         token.display(),
@@ -505,7 +504,7 @@ fn console_tls_token_shell(ctx: &Ctx) -> Result<(), String> {
         .write_all(b"echo AUTH-$((6*7)); tty\n")
         .map_err(|e| format!("writing to microvm attach: {e}"))
         .and_then(|_| {
-            wait_until(
+            poll_until(
                 deadline,
                 "AUTH-42 through the authenticated console",
                 || contains(&out.lock().unwrap(), b"AUTH-42"),
