@@ -1,3 +1,5 @@
+//! Host tier (docs/TESTING.md).
+//!
 //! Every cargo-fuzz target as a plain test: replays its committed corpus (and any crash
 //! artifacts left by `scripts/fuzz.sh`), checks that the seeds do what they are named
 //! after, then feeds random inputs through proptest. The harnesses live in the library
