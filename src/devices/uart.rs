@@ -22,6 +22,7 @@ use super::ConsoleSink;
 use crate::mux::FrontendInput;
 use crate::vstate::bus::BusDevice;
 
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
 const IER_OFFSET: u8 = 1;

@@ -47,12 +47,13 @@ use super::listener::{Admission, ListenerState, Pending};
 use super::ring::ByteRing;
 use super::spec::{BackendSpec, ConsoleSpec, Listen};
 use super::stats::{BackendStats, HubStats, MemoryUse};
-use super::term::RawMode;
+use crate::host::term::RawMode;
 use super::timer::Timer;
 use super::writer::{HubWriter, Shared, WriterConfig};
 
 mod admission;
 mod epoll;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod incoming;
 mod shutdown;

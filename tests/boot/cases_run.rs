@@ -3,14 +3,14 @@
 //! `microvm run` with a host program; and the boot paths that had no Linux test: an ELF
 //! vmlinux, and the virtio console found through the ACPI DSDT alone.
 //!
-//! Guests other than the reference one are built here with `microvm::initramfs` from
+//! Guests other than the reference one are built here with `microvm::ci::initramfs` from
 //! the busybox of the machine the cases run on (the host, or the rig's L1) and the
 //! virtio modules `prepare_run_guests` put beside the CI example.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use microvm::initramfs::Initramfs;
+use microvm::ci::initramfs::Initramfs;
 
 use crate::{CaseFn, Client, Ctx, INIT_MARK, Scratch, ci_example_dir, contains};
 
@@ -298,7 +298,7 @@ fn run_host_program_exit_status(ctx: &Ctx) -> Result<(), String> {
 fn boot_elf_vmlinux(ctx: &Ctx) -> Result<(), String> {
     let dir = Scratch::new("elf")?;
     let vmlinux = dir.path("vmlinux");
-    let elf = microvm::kernel_probe::extract_vmlinux(&ctx.kernel)
+    let elf = microvm::arch::x86_64::kernel_probe::extract_vmlinux(&ctx.kernel)
         .map_err(|e| format!("extracting vmlinux: {e}"))?
         .ok_or("the bzImage's compression is not one microvm reads")?;
     if !elf.starts_with(b"\x7fELF") {

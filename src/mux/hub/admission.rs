@@ -243,7 +243,7 @@ impl Hub {
                 continue;
             };
             if ep.dead.is_none() && now.saturating_duration_since(ep.last_active) >= limit {
-                let what = crate::units::format_duration(limit);
+                let what = crate::host::units::format_duration(limit);
                 ep.notice(
                     &format!("\r\n[microvm: disconnected after {what} idle]\r\n"),
                     &self.ring,
