@@ -31,8 +31,7 @@ LOG_TAG=bench
 
 N=${BENCH_N:-5}
 MEM=${BENCH_MEM_MIB:-256}
-bin=${MICROVM_BIN:-$ROOT/target/release/microvm}
-[ -x "$bin" ] || die "microvm binary $bin missing (make build, or set MICROVM_BIN)"
+bin=$(microvm_bin)
 fc=${FC_BIN:-}
 if [ -n "$fc" ]; then
     [ -x "$fc" ] || die "FC_BIN=$fc is not an executable file (a Firecracker binary, built outside this repository)"
