@@ -22,9 +22,10 @@ build:
 # test-hooks: the hooks tests drive through the binary); tests/boot/main.rs re-runs itself
 # inside the nested rig when the host KVM cannot boot ordinary kernels (docs/RIG.md). The
 # fuzz smoke runs first so that cargo test's summary closes the output.
-# TODO(lead): add the check that a default build compiles no fuzzing module or test hook.
+# scripts/check-default-build.sh then shows a default build compiles none of that code.
 test: guest fuzz-smoke
 	$(CARGO) test --release --features fuzzing,test-hooks
+	scripts/check-default-build.sh
 
 # Guest console on this terminal (direct, or nested with --interactive). MICROVM_ARGS
 # overrides the extra microvm arguments (default: --console mux:sock,stdio).
