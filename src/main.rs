@@ -5,16 +5,15 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use microvm::cli::{Cli, Command};
 use microvm::ci::{Checks, Outcome};
 use microvm::cli::config::VmConfig;
+use microvm::cli::{Cli, Command};
 use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE, ExitReason};
 // Errors quote paths and values as given: one line on stderr whatever they contain.
 // Every line goes through the logger: one line whatever it quotes, never blocking on a
 // stderr nobody reads, never panicking on a closed one.
-use microvm::host::logging::{final_line, final_raw};
 use microvm::ci::report;
-
+use microvm::host::logging::{final_line, final_raw};
 
 fn main() {
     let started = Instant::now();
@@ -32,7 +31,11 @@ fn main() {
         Some(Command::KvmMode) => {
             let kvm = microvm::vstate::vm::HostKvm::detect();
             final_line(&format!("kvm-mode: {}", kvm.reason()));
-            let mode = if kvm.boots_linux() { "direct" } else { "nested" };
+            let mode = if kvm.boots_linux() {
+                "direct"
+            } else {
+                "nested"
+            };
             let status = match writeln!(std::io::stdout(), "{mode}") {
                 Ok(()) => 0,
                 Err(_) => EXIT_RUNTIME_ERROR,

@@ -14,7 +14,10 @@ fn root() -> PathBuf {
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -31,7 +34,9 @@ fn layers() -> Vec<String> {
     lib.lines()
         .filter_map(|l| {
             let l = l.trim();
-            let rest = l.strip_prefix("pub mod ").or_else(|| l.strip_prefix("mod "))?;
+            let rest = l
+                .strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("mod "))?;
             Some(rest.trim_end_matches(';').to_string())
         })
         .collect()
@@ -57,8 +62,10 @@ fn crate_uses(text: &str) -> Vec<String> {
         while let Some(i) = rest.find("crate::") {
             let before = rest[..i].chars().last();
             let tail = &rest[i + "crate::".len()..];
-            let name: String =
-                tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = tail
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             // `microvm_crate::x` or `$crate::x` are not this crate's paths.
             if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$') {
                 uses.push(name);
@@ -72,9 +79,15 @@ fn crate_uses(text: &str) -> Vec<String> {
 #[test]
 fn top_level_modules_are_layers_without_cycles() {
     let layers = layers();
-    assert!(layers.len() >= 8, "src/lib.rs declares too few modules: {layers:?}");
-    let rank: BTreeMap<&str, usize> =
-        layers.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+    assert!(
+        layers.len() >= 8,
+        "src/lib.rs declares too few modules: {layers:?}"
+    );
+    let rank: BTreeMap<&str, usize> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
     let mut files = Vec::new();
     rust_files(&root().join("src"), &mut files);
     let mut wrong = Vec::new();
@@ -127,6 +140,7 @@ fn the_architecture_map_names_every_source_file() {
 
 #[test]
 fn the_layer_checker_reads_code_not_comments() {
-    let uses = crate_uses("use crate::mux::Hub; // crate::vmm\n/// [`crate::cli`]\n$crate::x; a::b");
+    let uses =
+        crate_uses("use crate::mux::Hub; // crate::vmm\n/// [`crate::cli`]\n$crate::x; a::b");
     assert_eq!(uses, vec!["mux".to_string()]);
 }

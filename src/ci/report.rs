@@ -32,11 +32,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::ci::ktap::{self, Case, Results};
 use crate::ci::{Checks, Outcome};
 use crate::exit::ExitReason;
-use crate::ci::ktap::{self, Case, Results};
 use crate::mux::HubStats;
-
 
 /// Errors writing the report (or the JUnit file).
 #[derive(Debug, thiserror::Error)]

@@ -152,7 +152,7 @@ pub fn initramfs(
     let mut argv = vec![path.to_string_lossy().into_owned()];
     argv.extend(program.iter().skip(1).cloned());
     let dirs: Vec<String> = lib_dirs.into_iter().collect();
-    fs.bytes(
+    fs.file_from_bytes(
         "/init",
         init_script(&argv, &dirs, modules.is_some()).into_bytes(),
         0o755,

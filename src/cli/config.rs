@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::arch::x86_64::kernel_probe::KernelConsoles;
-use crate::mux::{ConsoleSpec, SpecError};
+use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::host::units::{self, SizeUnit};
+use crate::mux::{ConsoleSpec, SpecError};
 
 /// The default kernel command line with the UART as the only console, chosen for a fast
 /// microVM boot: the console on the 16550, reset through the i8042 (`reboot=k`), reboot one
@@ -453,7 +453,10 @@ mod tests {
             parse_duration("3d"),
             Err(ConfigError::BadDuration("3d".into()))
         );
-        assert_eq!(units::format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(
+            units::format_duration(Duration::from_millis(1500)),
+            "1500ms"
+        );
     }
 
     #[test]

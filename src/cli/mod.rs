@@ -7,10 +7,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::arch::x86_64::kernel_probe;
 use crate::arch::x86_64::layout::MAX_VCPUS;
 use crate::ci::Checks;
 use crate::cli::config::{BootSource, ConfigError, DefaultConsole, VmConfig};
-use crate::arch::x86_64::kernel_probe;
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\

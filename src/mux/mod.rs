@@ -22,7 +22,7 @@
 //! | module | job |
 //! |---|---|
 //! | `writer` | [`HubWriter`]: the cross-thread output queue and congestion |
-//! | `frontend` | the frontend contract ([`ConsoleSink`], [`FrontendInput`]) and the input target (Ctrl-A c) |
+//! | `frontend` | the frontend contract ([`FrontendOutput`], [`Frontend`]) and the input target (Ctrl-A c) |
 //! | `fanout` | sinks, their queues and policies: WHERE A BYTE FANS OUT (`Hub::emit` calls it) |
 //! | `input` | serialization of input, the terminal's reserve, back-pressure |
 //! | `endpoint` | a backend's two halves, and the policy table |
@@ -57,15 +57,15 @@ mod writer;
 #[cfg(test)]
 mod props;
 
+pub use crate::host::term::TermError;
 pub use attach::{AttachOptions, attach};
 pub use backend::BackendError;
 pub use fanout::{CHUNK_COST, NOTICE_MAX};
-pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
+pub use frontend::{Frontend, FrontendOutput, MAX_FRONTENDS};
 pub use hub::{Hub, HubConfig, Observer, ShutdownSummary};
 pub use listener::{FdBudgetError, check_fd_budget};
 pub use spec::{CONSOLE_SPEC_HELP, ConsoleSpec, SpecError};
 pub use stats::{BackendStats, FrontendStats, HubStats, ListenerStats, MemoryUse};
-pub use crate::host::term::TermError;
 pub use writer::HubWriter;
 
 use std::io;

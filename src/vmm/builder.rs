@@ -8,27 +8,27 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::kernel_probe;
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
     COM1_PORT_LEN, DEBUG_MMIO_SIZE, DEBUG_MMIO_START, DEBUG_PORT, DEBUG_PORT_LEN, I8042_PORT,
     I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
-use crate::cli::config::{BootSource, ConfigError, DefaultConsole, VmConfig};
 use crate::ci::console_checks::ConsoleChecks;
+use crate::ci::ktap::KtapWatch;
+use crate::ci::panic_watch::PanicWatch;
+use crate::cli::config::{BootSource, ConfigError, DefaultConsole, VmConfig};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
-use crate::devices::uart::{Uart, UartInput};
+use crate::devices::uart::{Uart, UartFrontend};
 use crate::devices::virtio::VirtioInterrupt;
-use crate::devices::virtio::console::{Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE};
+use crate::devices::virtio::console::{Console, ConsoleFrontend, ConsoleTxHandler, RX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
-use crate::arch::x86_64::kernel_probe;
-use crate::ci::ktap::KtapWatch;
 use crate::host::term;
-use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError};
-use crate::ci::panic_watch::PanicWatch;
+use crate::mux::{ConsoleSpec, Frontend, Hub, HubWriter, MuxError};
 use crate::vmm::seccomp::{SeccompError, SeccompStart};
 use crate::vmm::{Consoles, RunChecks, Vmm};
 use crate::vstate::bus::{Bus, BusError};
@@ -248,7 +248,7 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
     let uart = hub.attach_frontend("ttyS0", |out| {
         let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), out)));
-        let input: Box<dyn FrontendInput> = Box::new(UartInput::new(uart.clone(), drained));
+        let input: Box<dyn Frontend> = Box::new(UartFrontend::new(uart.clone(), drained));
         (input, uart)
     })?;
     pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart)?;
@@ -327,11 +327,12 @@ fn create_virtio_console(
         console.set_input_ready_event(rx_evt.clone());
         console.set_tx_continue_event(tx_continue);
         let console = Arc::new(Mutex::new(console));
-        let input: Box<dyn FrontendInput> = Box::new(VirtioInput {
-            input: ConsoleInput::new(console.clone(), rx_evt.clone()),
+        let frontend: Box<dyn Frontend> = Box::new(ConsoleFrontend::new(
+            console.clone(),
+            rx_evt.clone(),
             resume,
-        });
-        (input, console)
+        ));
+        (frontend, console)
     })?;
     // The guest's hvc0 follows the host terminal's size (VIRTIO_CONSOLE_F_SIZE).
     if tty_size.is_some() {
@@ -356,35 +357,6 @@ fn create_virtio_console(
     let tx_handler = ConsoleTxHandler::new(console.clone(), tx_evt).map_err(host_err("timerfd"))?;
     event_manager.add_subscriber(Arc::new(Mutex::new(tx_handler)));
     Ok(())
-}
-
-/// The virtio console's hub frontend: its input side, and the transmit handler's
-/// eventfd, kicked when the hub's consumers have caught up.
-struct VirtioInput {
-    input: ConsoleInput<HubWriter, Arc<VirtioInterrupt>>,
-    resume: EventFd,
-}
-
-impl FrontendInput for VirtioInput {
-    fn accept(&mut self, data: &[u8]) -> usize {
-        self.input.accept(data)
-    }
-
-    fn drained_fd(&self) -> std::os::fd::RawFd {
-        self.input.drained_fd()
-    }
-
-    fn ack_drained(&mut self) {
-        self.input.ack_drained();
-    }
-
-    fn is_open(&self) -> bool {
-        self.input.is_open()
-    }
-
-    fn resume_output(&mut self) {
-        let _ = self.resume.write(1);
-    }
 }
 
 /// The DSDT entry through which ACPI kernels find the virtio console.

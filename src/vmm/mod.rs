@@ -23,14 +23,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::ci::Outcome;
 use crate::ci::console_checks::ConsoleChecks;
+use crate::ci::ktap::{self, KtapWatch};
 use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::ci::ktap::{self, KtapWatch};
 use crate::mux::Hub;
-use seccomp::ThreadKind;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
+use seccomp::ThreadKind;
 
 /// How long the event loop sleeps at most between checks of the exit state.
 const LOOP_TIMEOUT_MS: i32 = 500;

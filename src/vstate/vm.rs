@@ -67,7 +67,11 @@ impl HostKvm {
             return HostKvm::Pvm;
         }
         let path = kvm_device_path();
-        match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
             Ok(_) => HostKvm::Hardware,
             Err(e) => HostKvm::Unusable(format!("cannot open {path}: {e}")),
         }

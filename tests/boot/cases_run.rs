@@ -65,9 +65,9 @@ fn build_initrd(
             .map_err(|e| e.to_string())?;
     }
     for (path, text) in extra {
-        fs.bytes(path, text.as_bytes().to_vec(), 0o644);
+        fs.file_from_bytes(path, text.as_bytes().to_vec(), 0o644);
     }
-    fs.bytes("/init", init.as_bytes().to_vec(), 0o755);
+    fs.file_from_bytes("/init", init.as_bytes().to_vec(), 0o755);
     let cpio = fs.to_cpio().map_err(|e| e.to_string())?;
     std::fs::write(out, cpio).map_err(|e| format!("{}: {e}", out.display()))
 }

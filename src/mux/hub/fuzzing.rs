@@ -43,7 +43,7 @@ use crate::fuzz_input::Input;
 use crate::mux::backend::Port;
 use crate::mux::endpoint::{Endpoint, InputMode, Owner, Plan};
 use crate::mux::escape::{DETACH_KEY, ESCAPE_PREFIX, EscapeAction, EscapeKeys, EscapeParser};
-use crate::mux::frontend::FrontendInput;
+use crate::mux::frontend::Frontend;
 
 const SOURCES: usize = 4;
 const TERMINAL: usize = 0;
@@ -107,8 +107,8 @@ struct FuzzFrontend {
     evt: EventFd,
 }
 
-impl FrontendInput for FuzzFrontend {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl Frontend for FuzzFrontend {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         let mut s = lock(&self.st);
         let n = data.len().min(s.cap - s.fifo.len());
         s.fifo.extend(&data[..n]);
