@@ -14,14 +14,18 @@ deps:
 guest: deps
 	scripts/guest.sh
 
+# microvm and the bench helpers in tools/ (the whole workspace; fuzz/ is cargo-fuzz's).
 build:
-	$(CARGO) build --release
+	$(CARGO) build --release --workspace
 
-# All tiers; tests/boot.rs re-runs itself inside the nested rig when the host KVM cannot
-# boot ordinary kernels (scripts/kvm-mode.sh). The fuzz smoke runs first so that cargo
-# test's summary closes the output.
+# All tiers, with the test-only code built in (features fuzzing: the corpus replay;
+# test-hooks: the hooks tests drive through the binary); tests/boot/main.rs re-runs itself
+# inside the nested rig when the host KVM cannot boot ordinary kernels (docs/RIG.md). The
+# fuzz smoke runs first so that cargo test's summary closes the output.
+# scripts/check-default-build.sh then shows a default build compiles none of that code.
 test: guest fuzz-smoke
-	$(CARGO) test --release
+	$(CARGO) test --release --features fuzzing,test-hooks
+	scripts/check-default-build.sh
 
 # Guest console on this terminal (direct, or nested with --interactive). MICROVM_ARGS
 # overrides the extra microvm arguments (default: --console mux:sock,stdio).
@@ -31,11 +35,13 @@ run: build guest
 bench: build guest
 	scripts/bench.sh
 
+# The workspace (microvm, tools/) and the fuzz targets.
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml
 
 clippy:
-	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 # Every cargo-fuzz target for FUZZ_SECONDS each (default 60); crashes fail the run.
 fuzz:

@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use event_manager::{EventManager, SubscriberOps};
-use microvm::mux::{FrontendInput, Hub};
+use microvm::mux::{Frontend, Hub};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 struct NoInput(EventFd);
-impl FrontendInput for NoInput {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl Frontend for NoInput {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         data.len()
     }
     fn drained_fd(&self) -> RawFd {

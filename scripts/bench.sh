@@ -31,8 +31,7 @@ LOG_TAG=bench
 
 N=${BENCH_N:-5}
 MEM=${BENCH_MEM_MIB:-256}
-bin=${MICROVM_BIN:-$ROOT/target/release/microvm}
-[ -x "$bin" ] || die "microvm binary $bin missing (make build, or set MICROVM_BIN)"
+bin=$(microvm_bin)
 fc=${FC_BIN:-}
 if [ -n "$fc" ]; then
     [ -x "$fc" ] || die "FC_BIN=$fc is not an executable file (a Firecracker binary, built outside this repository)"
@@ -46,19 +45,13 @@ base=${BENCH_BASELINE_BIN:-}
 basever=$([ -n "$base" ] && "$base" --version 2>/dev/null | head -n1 || true)
 CONFIGS=${BENCH_CONFIGS:-default pinned}
 
-tools=$MICROVM_CACHE/tools; mkdir -p "$tools"
-build_tool() { # name
-    local h
-    h=$(tree_hash "$ROOT/tools/$1.rs")
-    if [ "$(cat "$tools/$1.stamp" 2>/dev/null)" != "$h" ] || [ ! -x "$tools/$1" ]; then
-        log "building tools/$1.rs"
-        rustc -O --edition 2021 "$ROOT/tools/$1.rs" -o "$tools/$1"
-        echo "$h" >"$tools/$1.stamp"
-    fi
-}
-build_tool vmmtime
-build_tool firstinsn
-"$tools/firstinsn" "$tools/first.elf"
+# The helpers (tools/, a workspace member): vmmtime, and firstinsn's ELF written here.
+log "building tools/ (cargo build --release -p microvm-tools)"
+(cd "$ROOT" && "${CARGO:-cargo}" build --release -p microvm-tools --quiet) \
+    || die "cargo build --release -p microvm-tools failed"
+tools=${CARGO_TARGET_DIR:-$ROOT/target}/release
+first_elf=$MICROVM_CACHE/bench/first.elf; mkdir -p "$(dirname "$first_elf")"
+"$tools/firstinsn" "$first_elf"
 "$ROOT/scripts/guest.sh" >/dev/null
 
 # The vmlinux inside the reference guest's bzImage, for Firecracker (bzImage header:
@@ -105,13 +98,13 @@ for cfg in $CONFIGS; do
     if [ "$kmode" = direct ]; then
         log "direct mode: $(kvm_mode_reason); configuration $cfg"
         env "${knobs[@]}" BENCH_CONFIG="$cfg" MICROVM_BIN="$bin" MICROVM_KERNEL="$GUEST_DIR/vmlinuz" \
-            MICROVM_INITRD="$GUEST_DIR/initrd.gz" VMMTIME="$tools/vmmtime" FIRST_ELF="$tools/first.elf" \
+            MICROVM_INITRD="$GUEST_DIR/initrd.gz" VMMTIME="$tools/vmmtime" FIRST_ELF="$first_elf" \
             FC="${fc:-/nonexistent}" VMLINUX="$vmlinux" MICROVM_BASELINE="${base:-/nonexistent}" TMPDIR="$(mktemp -d)" \
             sh "$ROOT/resources/rig/bench-inner.sh" | tee -a "$out" >&2 || st=$?
     else
         log "nested mode: $(kvm_mode_reason); configuration $cfg, timing inside the rig's L1 (QEMU TCG)"
         rig=("$ROOT/scripts/rig.sh" --bin "$bin" --with-qemu --payload "$tools/vmmtime"
-             --payload "$tools/first.elf" --payload "$ROOT/resources/rig/bench-inner.sh")
+             --payload "$first_elf" --payload "$ROOT/resources/rig/bench-inner.sh")
         [ -n "$fc" ] && rig+=(--payload "$fc" --payload "$vmlinux")
         [ "$cfg" = default ] && rig+=(--no-isolcpus)
         # A FC_BIN not named "firecracker" still lands at /rig/firecracker's place.

@@ -30,17 +30,26 @@ need_pkgs() {
         || die "apt-get install ${missing[*]} failed"
 }
 
-# kvm_mode: "direct" when the host /dev/kvm boots ordinary kernels, else "nested".
-# Overridable with MICROVM_RIG=direct|nested.
+# microvm_bin: the microvm binary the scripts run: $MICROVM_BIN, else the release build
+# (target/release/microvm, which `make build` makes; `make run` and `make bench` build it
+# first). Dies with the fix when it is missing.
+microvm_bin() {
+    local bin=${MICROVM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/microvm}
+    [ -x "$bin" ] || die "microvm binary $bin missing (make build, or set MICROVM_BIN)"
+    echo "$bin"
+}
+
+# kvm_mode: "direct" when the host /dev/kvm boots ordinary kernels, else "nested" (the
+# Linux guest then runs inside the rig, scripts/rig.sh). MICROVM_RIG=direct|nested
+# overrides it, MICROVM_RIG=inner (inside the rig's L1) means direct; otherwise the binary
+# decides (`microvm kvm-mode`), so that the scripts, the tests and microvm itself share
+# one detection. Callers run it once microvm is built (microvm_bin).
 kvm_mode() {
     case "${MICROVM_RIG:-}" in
         direct|nested) echo "$MICROVM_RIG"; return ;;
         inner) echo direct; return ;;
     esac
-    if [ -d /sys/module/kvm_pvm ]; then echo nested
-    elif [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then echo direct
-    else echo nested
-    fi
+    _kvm_mode_ask mode
 }
 
 # kvm_mode_reason: one line explaining the choice of kvm_mode.
@@ -48,13 +57,25 @@ kvm_mode_reason() {
     case "${MICROVM_RIG:-}" in
         direct|nested|inner) echo "MICROVM_RIG=$MICROVM_RIG"; return ;;
     esac
-    if [ -d /sys/module/kvm_pvm ]; then
-        echo "the host /dev/kvm is PVM (/sys/module/kvm_pvm), which boots only PVM-enabled kernels"
-    elif [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
-        echo "the host /dev/kvm is hardware KVM"
-    else
-        echo "the host has no usable /dev/kvm"
+    _kvm_mode_ask reason
+}
+
+# _kvm_mode_ask mode|reason: runs `microvm kvm-mode`, which prints direct or nested on
+# stdout and `microvm: kvm-mode: REASON` on stderr; echoes the mode or the REASON.
+_kvm_mode_ask() {
+    local bin out err st=0
+    bin=$(microvm_bin) || exit 1
+    err=$(mktemp)
+    out=$("$bin" kvm-mode 2>"$err") || st=$?
+    if [ "$st" != 0 ] || { [ "$out" != direct ] && [ "$out" != nested ]; }; then
+        local what; what=$(head -n1 "$err"); rm -f "$err"
+        die "$bin kvm-mode gave status $st, stdout '$out' (${what:-no message}): rebuild microvm (make build), or set MICROVM_RIG=direct|nested"
     fi
+    case "$1" in
+        mode) echo "$out" ;;
+        reason) local r; r=$(sed -n '1s/^microvm: kvm-mode: //p' "$err"); echo "${r:-$bin kvm-mode gave no reason}" ;;
+    esac
+    rm -f "$err"
 }
 
 # copy_with_libs DEST FILE... : copy executables into DEST (same absolute path)

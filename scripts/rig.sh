@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The nested rig: run CMD inside an L1 Linux VM (QEMU TCG, -cpu max, kvm_amd nested=1)
 # that gives a hardware-style /dev/kvm, for hosts whose own KVM cannot boot ordinary
-# kernels (PVM). See docs in README-rig / KVM-ON-THESE-MACHINES.
+# kernels (PVM). See docs/RIG.md.
 #
 # usage: scripts/rig.sh [options] -- CMD ARGS...
 #   --bin FILE        microvm binary (default: $MICROVM_BIN; required unless --no-microvm)
@@ -9,7 +9,7 @@
 #   --payload FILE    put FILE into L1 as /rig/<basename> (ELF executables get their libs); repeatable
 #   --with-qemu       put qemu-system-x86_64 (+ libs, microvm firmware) into L1
 #   --no-isolcpus     let L1 use both CPUs for everything (default: keep the last for
-#                     pinned vCPU threads, see below)
+#                     pinned vCPU threads, docs/RIG.md)
 #   --env NAME=VALUE  export NAME=VALUE to CMD in L1; repeatable
 #   --interactive     console on this terminal (raw, no QEMU monitor mux); CMD gets the tty
 #   --timeout SECS    overall safety timeout (default $MICROVM_RIG_TIMEOUT or 1800; none
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
         --interactive) interactive=1; shift ;;
         --timeout) timeout_s=$2; shift 2 ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

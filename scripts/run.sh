@@ -8,13 +8,13 @@ LOG_TAG=run
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 MICROVM_ARGS=${MICROVM_ARGS---console mux:sock,stdio}
-bin=${MICROVM_BIN:-$ROOT/target/release/microvm}
-[ -x "$bin" ] || die "microvm binary $bin missing (make build, or set MICROVM_BIN)"
+bin=$(microvm_bin)
 "$ROOT/scripts/guest.sh" >/dev/null
 # shellcheck disable=SC2206
 extra=($MICROVM_ARGS)
 
-if [ "$(kvm_mode)" = direct ]; then
+mode=$(kvm_mode)
+if [ "$mode" = direct ]; then
     exec "$bin" --kernel "$GUEST_DIR/vmlinuz" --initrd "$GUEST_DIR/initrd.gz" "${extra[@]}" "$@"
 fi
 log "nesting: $(kvm_mode_reason)."

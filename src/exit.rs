@@ -148,7 +148,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Timeout(d) => write!(
                 f,
                 "--timeout {} expired",
-                crate::config::format_duration(*d)
+                crate::host::units::format_duration(*d)
             ),
             ExitReason::TestsFailed {
                 tests: 0, stopped, ..

@@ -5,30 +5,44 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use microvm::ci::{Checks, Outcome};
+use microvm::cli::config::VmConfig;
 use microvm::cli::{Cli, Command};
-use microvm::config::{Checks, VmConfig};
 use microvm::exit::{EXIT_RUNTIME_ERROR, EXIT_USAGE, ExitReason};
 // Errors quote paths and values as given: one line on stderr whatever they contain.
 // Every line goes through the logger: one line whatever it quotes, never blocking on a
 // stderr nobody reads, never panicking on a closed one.
-use microvm::logging::{final_line, final_raw};
-use microvm::report;
-use microvm::vmm::Outcome;
+use microvm::ci::report;
+use microvm::host::logging::{final_line, final_raw};
 
 fn main() {
     let started = Instant::now();
-    microvm::logging::init();
+    microvm::host::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Attach(a)) => {
-            microvm::signals::install_for_client();
+            microvm::vmm::signals::install_for_client();
             let code = microvm::mux::attach(&a.options()).unwrap_or_else(|e| {
                 final_line(&e.to_string());
                 EXIT_RUNTIME_ERROR
             });
             std::process::exit(code);
         }
-        Some(Command::Run(run)) => match microvm::run_program::prepare(&run) {
+        Some(Command::KvmMode) => {
+            let kvm = microvm::vstate::vm::HostKvm::detect();
+            final_line(&format!("kvm-mode: {}", kvm.reason()));
+            let mode = if kvm.boots_linux() {
+                "direct"
+            } else {
+                "nested"
+            };
+            let status = match writeln!(std::io::stdout(), "{mode}") {
+                Ok(()) => 0,
+                Err(_) => EXIT_RUNTIME_ERROR,
+            };
+            std::process::exit(status);
+        }
+        Some(Command::Run(run)) => match microvm::cli::run::prepare(&run) {
             // The memfd holding the initramfs stays open until the process exits.
             Ok((config, _initramfs)) => boot(&config, started),
             Err(e) => {
@@ -70,7 +84,7 @@ fn refuse_start(checks: &Checks, msg: &str, usage: bool) -> ! {
 
 /// Builds and runs the VM, reports, and exits with the run's status.
 fn boot(config: &VmConfig, started: Instant) -> ! {
-    let vmm = match microvm::builder::build(config, started) {
+    let vmm = match microvm::vmm::builder::build(config, started) {
         Ok(v) => v,
         Err(e) => refuse_start(&config.checks, &e.to_string(), e.is_usage()),
     };
@@ -102,7 +116,7 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
     }
     show_failed_tests(outcome);
     if let Some(line) =
-        microvm::send_after::waiting_for(&config.checks.send_after, outcome.send_after_done)
+        microvm::ci::send_after::waiting_for(&config.checks.send_after, outcome.send_after_done)
     {
         final_line(&line);
     }
@@ -124,7 +138,7 @@ fn show_outcome(config: &VmConfig, outcome: &Outcome) {
 
 /// With `--junit`, the tests that failed or never reported (at most 20) on stderr.
 fn show_failed_tests(outcome: &Outcome) {
-    use microvm::ktap::Outcome as T;
+    use microvm::ci::ktap::Outcome as T;
     let Some(tests) = &outcome.tests else { return };
     let failed: Vec<String> = tests
         .suites
@@ -148,10 +162,10 @@ fn show_failed_tests(outcome: &Outcome) {
 fn finish(checks: &Checks, reason: &ExitReason, code: i32, outcome: Option<&Outcome>) -> ! {
     let mut code = code;
     if let Some(path) = &checks.junit {
-        let empty = microvm::ktap::Results::default();
+        let empty = microvm::ci::ktap::Results::default();
         let tests = outcome.and_then(|o| o.tests.as_ref()).unwrap_or(&empty);
         let secs = outcome.map_or(0.0, |o| o.wall_time.as_secs_f64());
-        let xml = microvm::junit::render(tests, "microvm", secs);
+        let xml = microvm::ci::junit::render(tests, "microvm", secs);
         if let Err(e) = report::write_atomic("junit", path, &xml) {
             final_line(&e.to_string());
             if code == 0 {

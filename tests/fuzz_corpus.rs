@@ -50,7 +50,7 @@ fn seed(target: &str, name: &str) -> Vec<u8> {
 
 #[test]
 fn ktap_corpus() {
-    use microvm::ktap::fuzzing::check;
+    use microvm::ci::ktap::fuzzing::check;
     replay("ktap", 4, |d| {
         check(d, true);
         check(d, false);
@@ -237,7 +237,7 @@ proptest! {
 
     #[test]
     fn random_console_text_through_ktap(data in proptest::collection::vec(any::<u8>(), 0..2048), clean: bool) {
-        microvm::ktap::fuzzing::check(&data, clean);
+        microvm::ci::ktap::fuzzing::check(&data, clean);
     }
 
     #[test]

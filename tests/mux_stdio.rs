@@ -21,8 +21,8 @@ fn stdio_child() {
         return;
     };
     let spec = std::env::var("MUX_SPEC").unwrap();
-    // As the binary does before any console exists (microvm::signals).
-    microvm::signals::install_for_client();
+    // As the binary does before any console exists (microvm::vmm::signals).
+    microvm::vmm::signals::install_for_client();
     let vm = Vm::start(&spec);
     let mut w = vm.writer.clone();
     let start = Instant::now();

@@ -1,5 +1,5 @@
 //! firstinsn: writes a minimal ELF64 "kernel" for scripts/bench.sh's first-instruction
-//! case. Built with plain `rustc -O` (std only).
+//! case. Built by cargo (`cargo build --release -p microvm-tools`), std only.
 //!
 //! usage: firstinsn OUT.elf
 //!

@@ -1,5 +1,5 @@
 //! vmmtime: boot-timing helper for scripts/bench.sh, run inside the rig's L1 (busybox has
-//! no sub-second clock). Built with plain `rustc -O` (std only).
+//! no sub-second clock). Built by cargo (`cargo build --release -p microvm-tools`).
 //!
 //! usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... [--kvm-stats DIR]
 //!                [--timeout S] -- CMD ARGS...
@@ -23,6 +23,8 @@
 //! `--kvm-stats DIR` adds KVM's exit counters (see `read_kvm_stats`) to each `--at` marker
 //! as `atK_kvm_exits=N ...`: the difference between two markers is what the guest cost
 //! in VM exits in between, whatever the VMM.
+//! Bad arguments: one line on stderr and exit status 2; a log file that cannot be created
+//! or a CMD that cannot be started: one line and exit status 1 (no timing line then).
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -89,96 +91,114 @@ fn read_kvm_stats(dir: &str) -> String {
         .join(" ")
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct Timeval {
-    sec: i64,
-    usec: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Rusage {
-    utime: Timeval,
-    stime: Timeval,
-    rest: [i64; 14],
-}
-
-// libc (std links it; this tool is built with plain rustc, no crates).
-extern "C" {
-    fn getrusage(who: i32, usage: *mut Rusage) -> i32;
-    fn kill(pid: i32, sig: i32) -> i32;
-}
-const SIGKILL: i32 = 9;
-
 /// CPU time (ms, user + system) of the waited-for children of this process.
 fn children_cpu_ms() -> Option<f64> {
-    const RUSAGE_CHILDREN: i32 = -1;
-    let mut r = Rusage::default();
-    // SAFETY: getrusage fills the caller's struct, laid out as Linux x86_64's rusage.
-    if unsafe { getrusage(RUSAGE_CHILDREN, &mut r) } != 0 {
+    // SAFETY: rusage is plain integers, for which all-zero bytes are a valid value.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the rusage struct it is given, which lives here.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) } != 0 {
         return None;
     }
-    let ms = |t: &Timeval| t.sec as f64 * 1e3 + t.usec as f64 / 1e3;
-    Some(ms(&r.utime) + ms(&r.stime))
+    let ms = |t: &libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    Some(ms(&r.ru_utime) + ms(&r.ru_stime))
+}
+
+/// The command line: `--mark`, `--guest-mem-mib`, the optional flags, then `-- CMD...`.
+struct Opts {
+    mark: String,
+    mem_mib: u64,
+    log: Option<String>,
+    ats: Vec<String>,
+    kvm_stats: Option<String>,
+    timeout: Option<u64>,
+    cmd: Vec<String>,
+}
+
+const USAGE: &str = "usage: vmmtime --mark STR --guest-mem-mib N [--log FILE] [--at STR]... [--kvm-stats DIR] [--timeout S] -- CMD ARGS...";
+
+fn parse_args(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        mark: String::new(),
+        mem_mib: 0,
+        log: None,
+        ats: Vec::new(),
+        kvm_stats: None,
+        timeout: None,
+        cmd: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            o.cmd = it.by_ref().cloned().collect();
+            break;
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{a} needs a value ({USAGE})"))?
+            .clone();
+        let number = |what: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{a} takes {what}, got '{value}'"))
+        };
+        match a.as_str() {
+            "--mark" => o.mark = value.clone(),
+            "--guest-mem-mib" => o.mem_mib = number("a size in MiB")?,
+            "--timeout" => o.timeout = Some(number("a number of seconds")?),
+            "--kvm-stats" => o.kvm_stats = Some(value.clone()),
+            "--at" => o.ats.push(value.clone()),
+            "--log" => o.log = Some(value.clone()),
+            _ => return Err(format!("unknown argument {a} ({USAGE})")),
+        }
+    }
+    if o.cmd.is_empty() || o.mark.is_empty() {
+        return Err(USAGE.into());
+    }
+    Ok(o)
+}
+
+/// One line on stderr, then exit with `status`.
+fn fail(status: i32, msg: &str) -> ! {
+    eprintln!("vmmtime: {msg}");
+    std::process::exit(status);
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut mark, mut mem_mib, mut log, mut cmd) = (String::new(), 0u64, None, Vec::new());
-    let mut ats: Vec<(String, Option<f64>, Option<u64>, String)> = Vec::new();
-    let mut kvm_stats: Option<String> = None;
-    let mut timeout: Option<u64> = None;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--mark" => {
-                mark = args[i + 1].clone();
-                i += 2;
-            }
-            "--guest-mem-mib" => {
-                mem_mib = args[i + 1].parse().expect("mib");
-                i += 2;
-            }
-            "--timeout" => {
-                timeout = args[i + 1].parse().ok();
-                i += 2;
-            }
-            "--kvm-stats" => {
-                kvm_stats = Some(args[i + 1].clone());
-                i += 2;
-            }
-            "--at" => {
-                ats.push((args[i + 1].clone(), None, None, String::new()));
-                i += 2;
-            }
-            "--log" => {
-                log = Some(args[i + 1].clone());
-                i += 2;
-            }
-            "--" => {
-                cmd = args[i + 1..].to_vec();
-                break;
-            }
-            a => panic!("vmmtime: unknown argument {a}"),
-        }
-    }
-    assert!(
-        !cmd.is_empty() && !mark.is_empty(),
-        "usage: vmmtime --mark STR --guest-mem-mib N -- CMD..."
-    );
-    let mut logf = log.map(|p| std::fs::File::create(p).expect("log file"));
+    let Opts {
+        mark,
+        mem_mib,
+        log,
+        ats,
+        kvm_stats,
+        timeout,
+        cmd,
+    } = parse_args(&args).unwrap_or_else(|e| fail(2, &e));
+    let mut ats: Vec<(String, Option<f64>, Option<u64>, String)> = ats
+        .into_iter()
+        .map(|s| (s, None, None, String::new()))
+        .collect();
+    let mut logf = log.map(|p| {
+        std::fs::File::create(&p)
+            .unwrap_or_else(|e| fail(1, &format!("cannot create the log file {p}: {e}")))
+    });
+    let stderr = match &logf {
+        Some(f) => Stdio::from(f.try_clone().unwrap_or_else(|e| {
+            fail(
+                1,
+                &format!("cannot share the log file with {}: {e}", cmd[0]),
+            )
+        })),
+        None => Stdio::null(),
+    };
     let start = Instant::now();
     let mut child = Command::new(&cmd[0])
         .args(&cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(match &logf {
-            Some(f) => Stdio::from(f.try_clone().unwrap()),
-            None => Stdio::null(),
-        })
+        .stderr(stderr)
         .spawn()
-        .expect("spawn");
+        .unwrap_or_else(|e| fail(1, &format!("cannot start {}: {e}", cmd[0])));
     let pid = child.id();
     let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(secs) = timeout {
@@ -190,17 +210,22 @@ fn main() {
             // because vmmtime exits right after the child does. kill(2) itself, not a
             // `kill` program: L1's PATH may have none, and then nothing was ever killed.
             // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-            let _ = unsafe { kill(pid as i32, SIGKILL) };
+            let _ = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             // A process stuck in the kernel (a nested vCPU that never returns) does not
             // die, and its stdout never closes: report that instead of waiting forever.
             std::thread::sleep(std::time::Duration::from_secs(10));
-            println!("vmmtime: init_ms=- exit_ms=- status=unkillable rss_kib=- guest_kib=- rss_excl_guest_kib=- init_cpu_ms=- cpu_ms=- init_threads=-");
+            println!(
+                "vmmtime: init_ms=- exit_ms=- status=unkillable rss_kib=- guest_kib=- rss_excl_guest_kib=- init_cpu_ms=- cpu_ms=- init_threads=-"
+            );
             std::process::exit(0);
         });
     }
     let (mut init_ms, mut rss, mut init_cpu) = (None, None, None);
     let mut init_threads = String::from("-");
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let Some(stdout) = child.stdout.take() else {
+        fail(1, "the child's stdout is not a pipe"); // impossible: piped above
+    };
+    let mut out = BufReader::new(stdout);
     let mut line = Vec::new();
     while out.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
         let text = String::from_utf8_lossy(&line);
@@ -225,7 +250,9 @@ fn main() {
         }
         line.clear();
     }
-    let status = child.wait().expect("wait");
+    let status = child
+        .wait()
+        .unwrap_or_else(|e| fail(1, &format!("cannot wait for {}: {e}", cmd[0])));
     let exit_ms = start.elapsed().as_secs_f64() * 1e3;
     let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
     let (r, g) = rss
@@ -237,7 +264,12 @@ fn main() {
     let mut at_fields = String::new();
     for (k, (_, t, r, stats)) in ats.iter().enumerate() {
         let r = r.map(|r| r.to_string()).unwrap_or_else(|| "-".into());
-        at_fields += &format!(" at{}_ms={} at{}_rss_excl_guest_kib={r}", k + 1, fmt(*t), k + 1);
+        at_fields += &format!(
+            " at{}_ms={} at{}_rss_excl_guest_kib={r}",
+            k + 1,
+            fmt(*t),
+            k + 1
+        );
         for kv in stats.split_whitespace() {
             at_fields += &format!(" at{}_{kv}", k + 1);
         }
@@ -251,7 +283,11 @@ fn main() {
         } else {
             status.code().unwrap_or(-1).to_string()
         },
-        init_cpu.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
-        cpu_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+        init_cpu
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into()),
+        cpu_ms
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into()),
     );
 }

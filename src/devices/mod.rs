@@ -10,4 +10,4 @@ pub mod i8042;
 pub mod uart;
 pub mod virtio;
 
-pub use crate::mux::ConsoleSink;
+pub use crate::mux::FrontendOutput;

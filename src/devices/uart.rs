@@ -2,11 +2,11 @@
 //!
 //! Output: every byte the guest writes to THR goes to the console sink `W` (the console hub's
 //! writer, which never blocks). Input: the event loop offers bytes with
-//! [`Uart::enqueue_input`]; when the guest empties the receive FIFO, vm-superio reports
+//! [`Uart::take_input`]; when the guest empties the receive FIFO, vm-superio reports
 //! `in_buffer_empty` and we signal `drained`, so the event loop offers more. Interrupts go
 //! to the in-kernel IOAPIC through an irqfd.
 //!
-//! Pacing: while the sink reports [`ConsoleSink::congested`] (a slow terminal behind the
+//! Pacing: while the sink reports [`FrontendOutput::congested`] (a slow terminal behind the
 //! console hub), LSR reads show the transmitter busy, so the guest's driver holds its
 //! output like on a slow line; [`Uart::raise_thre`] tells it when to resume. vm-superio
 //! itself always reports THR empty, so this is done around it.
@@ -18,10 +18,11 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::ConsoleSink;
-use crate::mux::FrontendInput;
+use super::FrontendOutput;
+use crate::mux::Frontend;
 use crate::vstate::bus::BusDevice;
 
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
 const IER_OFFSET: u8 = 1;
@@ -57,11 +58,11 @@ impl SerialEvents for DrainedSignal {
 }
 
 /// A 16550A UART on the port-I/O bus.
-pub struct Uart<W: ConsoleSink> {
+pub struct Uart<W: FrontendOutput> {
     serial: Serial<IrqTrigger, DrainedSignal, W>,
 }
 
-impl<W: ConsoleSink> Uart<W> {
+impl<W: FrontendOutput> Uart<W> {
     /// A UART raising `irq` and writing guest output to `out`; `drained` is signalled when
     /// the guest empties the receive FIFO.
     pub fn new(irq: EventFd, drained: Arc<EventFd>, out: W) -> Self {
@@ -71,7 +72,7 @@ impl<W: ConsoleSink> Uart<W> {
     }
 
     /// Offers guest input; returns how many bytes fit in the 64-byte receive FIFO.
-    pub fn enqueue_input(&mut self, data: &[u8]) -> usize {
+    pub fn take_input(&mut self, data: &[u8]) -> usize {
         if data.is_empty() || self.serial.fifo_capacity() == 0 {
             return 0;
         }
@@ -97,7 +98,7 @@ impl<W: ConsoleSink> Uart<W> {
     }
 }
 
-impl<W: ConsoleSink> BusDevice for Uart<W> {
+impl<W: FrontendOutput> BusDevice for Uart<W> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 || offset > 7 {
             data.fill(0xff);
@@ -123,23 +124,23 @@ impl<W: ConsoleSink> BusDevice for Uart<W> {
 /// The UART as a console hub frontend: input goes into its receive FIFO, its "drained"
 /// eventfd tells the hub when the guest has emptied it, and THRE is raised again when
 /// the hub's consumers have caught up after a congestion.
-pub struct UartInput<W: ConsoleSink> {
+pub struct UartFrontend<W: FrontendOutput> {
     uart: Arc<Mutex<Uart<W>>>,
     drained: Arc<EventFd>,
 }
 
-impl<W: ConsoleSink> UartInput<W> {
+impl<W: FrontendOutput> UartFrontend<W> {
     /// Input side of `uart`, whose FIFO drains signal `drained`.
     pub fn new(uart: Arc<Mutex<Uart<W>>>, drained: Arc<EventFd>) -> Self {
-        UartInput { uart, drained }
+        UartFrontend { uart, drained }
     }
 }
 
-impl<W: ConsoleSink> FrontendInput for UartInput<W> {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl<W: FrontendOutput> Frontend for UartFrontend<W> {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         self.uart
             .lock()
-            .map(|mut u| u.enqueue_input(data))
+            .map(|mut u| u.take_input(data))
             .unwrap_or(0)
     }
 
@@ -185,8 +186,8 @@ mod tests {
         let (mut u, irq, drained) = uart();
         u.write(1, &[0x01]); // IER: receive-data interrupt
         let data = [b'x'; 100];
-        assert_eq!(u.enqueue_input(&data), 64);
-        assert_eq!(u.enqueue_input(&data), 0);
+        assert_eq!(u.take_input(&data), 64);
+        assert_eq!(u.take_input(&data), 0);
         assert!(irq.read().unwrap() >= 1);
         let mut b = [0u8];
         for _ in 0..64 {
@@ -206,7 +207,7 @@ mod tests {
             Ok(())
         }
     }
-    impl ConsoleSink for Slow {
+    impl FrontendOutput for Slow {
         fn congested(&self) -> bool {
             self.0
         }

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use super::spec::AuthSpec;
 
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
 /// Shortest token accepted (printable ASCII, so about 6 bits a byte).

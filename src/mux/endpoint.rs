@@ -58,13 +58,17 @@ impl Source {
     }
 }
 
+/// The key of an endpoint in its hub (and of its epoll token), unique while it lives.
+pub(crate) type EndpointId = u32;
+
 /// Who a backend belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Owner {
     /// One of the spec's backends (stdin, stdout, a log file).
     Backend,
-    /// A client of socket listener `listener`, its `id`-th.
-    Client { listener: usize, id: u64 },
+    /// A client of socket listener `listener`, the `number`-th it admitted ("client
+    /// NUMBER on SOCKET" in messages).
+    Client { listener: usize, number: u64 },
 }
 
 /// What a backend is, for [`plan`].
@@ -166,8 +170,8 @@ pub(crate) struct Endpoint {
     pub typed: u64,
     /// Bytes delivered and lost by a sink it no longer has.
     pub retired_out: (u64, u64),
-    /// Set when it is to be removed; the message is logged (if any).
-    pub dead: Option<Option<String>>,
+    /// Set when it is to be removed, and how.
+    pub closing: Option<Closing>,
     /// Cut off by its sink's policy.
     pub cut_off: bool,
     /// Last time it typed or took output (idle clients).
@@ -176,6 +180,14 @@ pub(crate) struct Endpoint {
     pub stamper: Option<LineStamper>,
     /// The stamped copy of a chunk (reused).
     stamped: Vec<u8>,
+}
+
+/// How an endpoint leaves the hub.
+pub(crate) enum Closing {
+    /// Routine (a client hung up): nothing logged.
+    Quietly,
+    /// Worth a line in the log: this one.
+    Logged(String),
 }
 
 /// What one read from a source gave.
@@ -212,7 +224,7 @@ impl Endpoint {
             source: plan.input.map(Source::new),
             typed: 0,
             retired_out: (0, 0),
-            dead: None,
+            closing: None,
             cut_off: false,
             last_active: Instant::now(),
             stamper: None,
@@ -224,11 +236,16 @@ impl Endpoint {
         matches!(self.owner, Owner::Client { .. })
     }
 
-    /// Marks it for removal (the first reason wins; `None` removes it quietly).
-    pub(crate) fn kill(&mut self, why: Option<String>) {
-        if self.dead.is_none() {
-            self.dead = Some(why);
+    /// Marks it for removal (the first reason wins).
+    pub(crate) fn close(&mut self, how: Closing) {
+        if self.closing.is_none() {
+            self.closing = Some(how);
         }
+    }
+
+    /// Marked for removal.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.is_some()
     }
 
     pub(crate) fn input_live(&self) -> bool {
@@ -251,13 +268,17 @@ impl Endpoint {
         // whose input still has bytes to deliver stays until they are read.
         if self.cut_off || !self.input_live() {
             let quiet = self.is_client() && !self.cut_off;
-            self.kill((!quiet).then_some(why));
+            self.close(if quiet {
+                Closing::Quietly
+            } else {
+                Closing::Logged(why)
+            });
         }
     }
 
     /// Offers a chunk of the stream (already in `ring`) to its sink.
     pub(crate) fn offer(&mut self, data: &[u8], ring: &ByteRing, shared: &mut Option<Arc<[u8]>>) {
-        if self.dead.is_some() || self.parked {
+        if self.is_closing() || self.parked {
             return;
         }
         let Some(sink) = self.sink.as_mut() else {

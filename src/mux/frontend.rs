@@ -1,10 +1,10 @@
 //! The frontend side of the hub (QEMU's "mux" role): the contract a console device
 //! (the UART, the virtio console) has with the hub, and which of them gets the input.
 //!
-//! * Output: a frontend writes into a [`ConsoleSink`] (the hub gives it a
+//! * Output: a frontend writes into a [`FrontendOutput`] (the hub gives it a
 //!   [`HubWriter`]); it asks the sink whether the consumers are behind, and the hub
-//!   calls [`FrontendInput::resume_output`] when they have caught up.
-//! * Input: the hub offers bytes with [`FrontendInput::accept`]; the device takes what
+//!   calls [`Frontend::resume_output`] when they have caught up.
+//! * Input: the hub offers bytes with [`Frontend::take_input`]; the device takes what
 //!   fits and signals its "drained" fd when the guest has made room again.
 //! * Target: input goes to the last-attached frontend the guest has open (the virtio
 //!   console once the guest opened its port, the UART before), until the user picks one
@@ -24,14 +24,14 @@ pub const MAX_FRONTENDS: usize = 64;
 
 /// Where a console frontend's output goes (the UART's THR, the virtio console's
 /// transmitq): a writer that never blocks, and that tells when its consumer is behind.
-pub trait ConsoleSink: Write + Send {
+pub trait FrontendOutput: Write + Send {
     /// True while the consumer is behind: the UART then reports its transmitter busy and
     /// the virtio console leaves transmit buffers queued, pacing the guest.
     fn congested(&self) -> bool {
         false
     }
 
-    /// Like [`ConsoleSink::congested`], but counting only the consumers' backlog, not
+    /// Like [`FrontendOutput::congested`], but counting only the consumers' backlog, not
     /// output the hub has yet to pick up. For a frontend served on the hub's own thread
     /// (the virtio console), whose queued output the hub always takes right after it.
     fn backlogged(&self) -> bool {
@@ -39,7 +39,7 @@ pub trait ConsoleSink: Write + Send {
     }
 }
 
-impl ConsoleSink for HubWriter {
+impl FrontendOutput for HubWriter {
     fn congested(&self) -> bool {
         HubWriter::congested(self)
     }
@@ -49,12 +49,12 @@ impl ConsoleSink for HubWriter {
     }
 }
 
-impl ConsoleSink for Vec<u8> {}
+impl FrontendOutput for Vec<u8> {}
 
 /// Implemented by each frontend device; called on the event-loop thread.
-pub trait FrontendInput: Send {
+pub trait Frontend: Send {
     /// Offer bytes; returns how many the device took (0 when its FIFO/queue is full).
-    fn accept(&mut self, data: &[u8]) -> usize;
+    fn take_input(&mut self, data: &[u8]) -> usize;
     /// An fd that becomes readable when the device drained its input (e.g. an EventFd the
     /// UART signals from vm-superio's `in_buffer_empty`); the hub then offers more.
     fn drained_fd(&self) -> RawFd;
@@ -69,9 +69,9 @@ pub trait FrontendInput: Send {
     fn resume_output(&mut self) {}
 }
 
-struct Frontend {
+struct Attached {
     name: String,
-    input: Box<dyn FrontendInput>,
+    input: Box<dyn Frontend>,
     /// Its drained fd is watched by the event loop.
     registered: bool,
     /// Input bytes the device took.
@@ -83,7 +83,7 @@ struct Frontend {
 /// The frontends of one hub and the input target.
 #[derive(Default)]
 pub(crate) struct Frontends {
-    list: Vec<Frontend>,
+    list: Vec<Attached>,
     target: usize,
     /// The user chose the target with Ctrl-A c: stop following the guest.
     pinned: bool,
@@ -94,13 +94,13 @@ impl Frontends {
     pub(crate) fn attach(
         &mut self,
         name: &str,
-        input: Box<dyn FrontendInput>,
+        input: Box<dyn Frontend>,
         sent: Arc<AtomicU64>,
     ) -> Option<usize> {
         if self.list.len() >= MAX_FRONTENDS {
             return None;
         }
-        self.list.push(Frontend {
+        self.list.push(Attached {
             name: name.to_string(),
             input,
             registered: false,
@@ -138,7 +138,7 @@ impl Frontends {
     }
 
     /// Offers held input to the target frontend until it or the buffer is empty.
-    pub(crate) fn feed(&mut self, input: &mut InputQueue) {
+    pub(crate) fn take_input(&mut self, input: &mut InputQueue) {
         if !self.pinned
             && let Some(open) = self.list.iter().rposition(|f| f.input.is_open())
         {
@@ -149,7 +149,7 @@ impl Frontends {
         };
         while !input.is_empty() {
             let data = input.front();
-            let n = fe.input.accept(data).min(data.len());
+            let n = fe.input.take_input(data).min(data.len());
             if n == 0 {
                 return;
             }

@@ -39,20 +39,21 @@ use super::backend::BackendError;
 use super::backend::file::{FilePort, LineStamper};
 use super::backend::socket::{self, Listener};
 use super::backend::stdio::{StdinPort, StdoutPort};
-use super::endpoint::{Endpoint, Limits, Owner, Role, plan};
+use super::endpoint::{Closing, Endpoint, EndpointId, Limits, Owner, Role, plan};
 use super::fanout::Policy;
-use super::frontend::{FrontendInput, Frontends, MAX_FRONTENDS};
+use super::frontend::{Frontend, Frontends, MAX_FRONTENDS};
 use super::input::InputQueue;
 use super::listener::{Admission, ListenerState, Pending};
 use super::ring::ByteRing;
 use super::spec::{BackendSpec, ConsoleSpec, Listen};
 use super::stats::{BackendStats, HubStats, MemoryUse};
-use super::term::RawMode;
 use super::timer::Timer;
 use super::writer::{HubWriter, Shared, WriterConfig};
+use crate::host::term::RawMode;
 
 mod admission;
 mod epoll;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod incoming;
 mod shutdown;
@@ -131,13 +132,13 @@ pub struct Hub {
     observers: Vec<Observer>,
     frontends: Frontends,
     input: InputQueue,
-    endpoints: BTreeMap<u32, Endpoint>,
+    endpoints: BTreeMap<EndpointId, Endpoint>,
     listeners: Vec<ListenerState>,
     /// Connections still proving who they are, by id.
     pending: BTreeMap<u32, Pending>,
     next_pending: u32,
     /// The stdout endpoint, for notices meant for the VMM's terminal only.
-    stdout: Option<u32>,
+    stdout: Option<EndpointId>,
     timer: Timer,
     next_id: u32,
     initialized: bool,
@@ -321,7 +322,7 @@ impl Hub {
     pub fn attach_frontend<R>(
         &mut self,
         name: &str,
-        make: impl FnOnce(HubWriter) -> (Box<dyn FrontendInput>, R),
+        make: impl FnOnce(HubWriter) -> (Box<dyn Frontend>, R),
     ) -> Result<R, MuxError> {
         let sent = Arc::new(AtomicU64::new(0));
         let (input, r) = make(HubWriter::new(self.shared.clone(), sent.clone()));
@@ -340,7 +341,7 @@ impl Hub {
     pub fn add_frontend(
         &mut self,
         name: &str,
-        input: Box<dyn FrontendInput>,
+        input: Box<dyn Frontend>,
     ) -> Result<HubWriter, MuxError> {
         self.attach_frontend(name, |w| (input, w))
     }
@@ -424,7 +425,7 @@ impl Hub {
             self.endpoints
                 .values()
                 .filter(|e| !e.is_client())
-                .map(|e| e.stats(if e.dead.is_some() { "closed" } else { "open" })),
+                .map(|e| e.stats(if e.is_closing() { "closed" } else { "open" })),
         );
         backends.sort_by(|a, b| a.name.cmp(&b.name));
         if self.has_ring {
@@ -514,10 +515,10 @@ impl Hub {
                 log::error!("console frontend {i}: cannot watch its drained fd: {e}");
             }
         }
-        self.frontends.feed(&mut self.input);
+        self.frontends.take_input(&mut self.input);
         self.service_parked();
         self.sweep(reg);
-        let ids: Vec<u32> = self.endpoints.keys().copied().collect();
+        let ids: Vec<EndpointId> = self.endpoints.keys().copied().collect();
         for id in ids {
             self.sync(id, reg);
         }
@@ -575,7 +576,7 @@ impl Hub {
         }
     }
 
-    fn endpoint_event(&mut self, id: u32, set: EventSet) {
+    fn endpoint_event(&mut self, id: EndpointId, set: EventSet) {
         let Some(ep) = self.endpoints.get_mut(&id) else {
             return;
         };
@@ -587,7 +588,7 @@ impl Hub {
             // Output only (stdout, a FIFO log): the reader went away.
             ep.drop_sink();
             let why = format!("console backend {} closed; the VM goes on", ep.name);
-            ep.kill(Some(why));
+            ep.close(Closing::Logged(why));
             return;
         }
         if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
@@ -601,7 +602,7 @@ impl Hub {
             for _ in 0..rounds {
                 match self.read_from(id) {
                     Outcome::Data => {
-                        self.frontends.feed(&mut self.input);
+                        self.frontends.take_input(&mut self.input);
                         continue;
                     }
                     Outcome::NoSpace if hup => {
@@ -655,13 +656,13 @@ pub(crate) mod testing {
         }
 
         /// The backend became writable.
-        pub(crate) fn writable(&mut self, t: u32) {
-            self.handle(Token::Endpoint(t).encode(), EventSet::OUT, &mut NoReg);
+        pub(crate) fn writable(&mut self, id: EndpointId) {
+            self.handle(Token::Endpoint(id).encode(), EventSet::OUT, &mut NoReg);
         }
 
         /// The backend became readable.
-        pub(crate) fn readable(&mut self, t: u32) {
-            self.handle(Token::Endpoint(t).encode(), EventSet::IN, &mut NoReg);
+        pub(crate) fn readable(&mut self, id: EndpointId) {
+            self.handle(Token::Endpoint(id).encode(), EventSet::IN, &mut NoReg);
         }
 
         /// Frontend `i` drained its input.
@@ -673,20 +674,20 @@ pub(crate) mod testing {
             &self.quit
         }
 
-        pub(crate) fn alive(&self, t: u32) -> bool {
-            self.endpoints.contains_key(&t)
+        pub(crate) fn alive(&self, id: EndpointId) -> bool {
+            self.endpoints.contains_key(&id)
         }
 
-        pub(crate) fn pending_of(&self, t: u32) -> usize {
-            self.endpoints.get(&t).map_or(0, |e| e.pending(&self.ring))
+        pub(crate) fn pending_of(&self, id: EndpointId) -> usize {
+            self.endpoints.get(&id).map_or(0, |e| e.pending(&self.ring))
         }
 
         pub(crate) fn held_input(&self) -> usize {
             self.input.len()
         }
 
-        pub(crate) fn wants_input(&self, t: u32) -> bool {
-            self.endpoints.get(&t).is_some_and(|e| {
+        pub(crate) fn wants_input(&self, id: EndpointId) -> bool {
+            self.endpoints.get(&id).is_some_and(|e| {
                 e.source
                     .as_ref()
                     .is_some_and(|s| self.input.space_for(s.share()) > 0)

@@ -37,7 +37,7 @@ use rustls::ServerConfig;
 use super::auth::{self, ClientRole, Greeting, Refusal, Tokens};
 use super::backend::socket::{Listener, Stream};
 use super::backend::{BackendError, Port};
-use super::endpoint::{InputMode, Source};
+use super::endpoint::{EndpointId, InputMode, Source};
 use super::escape::EscapeAction;
 use super::spec::{Listen, SockSpec};
 use super::stats::ListenerStats;
@@ -320,7 +320,7 @@ pub(crate) struct ListenerState {
     /// Live clients.
     pub clients: usize,
     /// The client holding the keyboard (single-writer), by endpoint token.
-    pub holder: Option<u32>,
+    pub holder: Option<EndpointId>,
     /// Clients accepted so far.
     pub seen: u64,
     /// Registered with epoll for readability now.
@@ -411,28 +411,33 @@ impl ListenerState {
     }
 
     /// A client of this listener went away.
-    pub(crate) fn left(&mut self, token: u32, cut_off: bool, written: u64, typed: u64) {
+    pub(crate) fn left(&mut self, id: EndpointId, cut_off: bool, written: u64, typed: u64) {
         self.clients = self.clients.saturating_sub(1);
         self.gone_cut_off += u64::from(cut_off);
         self.gone_written += written;
         self.gone_typed += typed;
-        if self.holder == Some(token) {
+        if self.holder == Some(id) {
             self.holder = None;
         }
     }
 
-    /// True when `source` (a client of this listener, endpoint `token`) has its input
+    /// True when `source` (a client of this listener, endpoint `id`) has its input
     /// read and dropped rather than delivered.
-    pub(crate) fn discards(&self, token: u32, source: &Source) -> bool {
+    pub(crate) fn discards(&self, id: EndpointId, source: &Source) -> bool {
         match source.mode {
             InputMode::Viewer => true,
-            InputMode::Contender(_) => self.holder.is_some_and(|h| h != token),
+            InputMode::Contender(_) => self.holder.is_some_and(|h| h != id),
             _ => false,
         }
     }
 
-    /// Decides what happens to a read from `source` (endpoint `token`).
-    pub(crate) fn keyboard(&mut self, token: u32, source: &mut Source, data: &[u8]) -> Keyboard {
+    /// Decides what happens to a read from `source` (endpoint `id`).
+    pub(crate) fn keyboard(
+        &mut self,
+        id: EndpointId,
+        source: &mut Source,
+        data: &[u8],
+    ) -> Keyboard {
         let InputMode::Contender(parser) = &mut source.mode else {
             return if matches!(source.mode, InputMode::Viewer) {
                 Keyboard::Drop
@@ -441,9 +446,9 @@ impl ListenerState {
             };
         };
         match self.holder {
-            Some(h) if h == token => Keyboard::Deliver,
+            Some(h) if h == id => Keyboard::Deliver,
             None => {
-                self.holder = Some(token);
+                self.holder = Some(id);
                 source.told_readonly = false;
                 Keyboard::TookFree
             }
@@ -451,7 +456,7 @@ impl ListenerState {
                 let (mut out, mut acts) = (Vec::new(), Vec::new());
                 parser.feed(data, &mut out, &mut acts);
                 if acts.contains(&EscapeAction::TakeOver) {
-                    self.holder = Some(token);
+                    self.holder = Some(id);
                     source.told_readonly = false;
                     Keyboard::TookOver
                 } else if !source.told_readonly {

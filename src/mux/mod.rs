@@ -15,14 +15,14 @@
 //!   ceiling, and socket clients share one output ring instead of each holding a copy.
 //! * Nothing on the event loop blocks: stdout is written through a private non-blocking
 //!   description, a FIFO or device log without blocking, diagnostics through the
-//!   non-blocking logger (`crate::logging`), and `accept` backs off when out of fds.
+//!   non-blocking logger (`crate::host::logging`), and `accept` backs off when out of fds.
 //!
 //! One module per job:
 //!
 //! | module | job |
 //! |---|---|
 //! | `writer` | [`HubWriter`]: the cross-thread output queue and congestion |
-//! | `frontend` | the frontend contract ([`ConsoleSink`], [`FrontendInput`]) and the input target (Ctrl-A c) |
+//! | `frontend` | the frontend contract ([`FrontendOutput`], [`Frontend`]) and the input target (Ctrl-A c) |
 //! | `fanout` | sinks, their queues and policies: WHERE A BYTE FANS OUT (`Hub::emit` calls it) |
 //! | `input` | serialization of input, the terminal's reserve, back-pressure |
 //! | `endpoint` | a backend's two halves, and the policy table |
@@ -34,7 +34,8 @@
 //! | `stats` | counters for `--report` and memory figures |
 //! | `hub` | event routing and shutdown |
 //! | `spec` | the `--console` grammar ([`CONSOLE_SPEC_HELP`]) |
-//! | `term`, `attach`, `backend/` | the terminal, `microvm attach`, the ports |
+//! | `timer` | the hub's deadlines (pending admissions, idle clients, accept back-off) |
+//! | `attach`, `backend/` | `microvm attach` (the client side), the ports |
 
 pub mod attach;
 pub mod auth;
@@ -49,7 +50,6 @@ mod listener;
 pub mod ring;
 pub mod spec;
 mod stats;
-pub mod term;
 mod timer;
 pub mod tls;
 mod writer;
@@ -57,15 +57,15 @@ mod writer;
 #[cfg(test)]
 mod props;
 
+pub use crate::host::term::TermError;
 pub use attach::{AttachOptions, attach};
 pub use backend::BackendError;
 pub use fanout::{CHUNK_COST, NOTICE_MAX};
-pub use frontend::{ConsoleSink, FrontendInput, MAX_FRONTENDS};
+pub use frontend::{Frontend, FrontendOutput, MAX_FRONTENDS};
 pub use hub::{Hub, HubConfig, Observer, ShutdownSummary};
 pub use listener::{FdBudgetError, check_fd_budget};
 pub use spec::{CONSOLE_SPEC_HELP, ConsoleSpec, SpecError};
 pub use stats::{BackendStats, FrontendStats, HubStats, ListenerStats, MemoryUse};
-pub use term::TermError;
 pub use writer::HubWriter;
 
 use std::io;

@@ -5,7 +5,7 @@ use super::backend::mem::{MemPort, MemState};
 use super::endpoint::InputMode;
 use super::escape::{EscapeKeys, EscapeParser};
 use super::fanout::Policy;
-use super::frontend::FrontendInput;
+use super::frontend::Frontend;
 use super::hub::{Hub, HubConfig};
 use proptest::prelude::*;
 use std::io::Write;
@@ -22,8 +22,8 @@ struct MockFrontend {
 /// A frontend that counts the hub's "resume output" calls.
 struct Resumes(EventFd, Arc<Mutex<u32>>);
 
-impl FrontendInput for Resumes {
-    fn accept(&mut self, _: &[u8]) -> usize {
+impl Frontend for Resumes {
+    fn take_input(&mut self, _: &[u8]) -> usize {
         0
     }
     fn drained_fd(&self) -> RawFd {
@@ -48,8 +48,8 @@ impl MockState {
     }
 }
 
-impl FrontendInput for MockFrontend {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl Frontend for MockFrontend {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         let mut s = self.st.lock().unwrap();
         let n = data.len().min(s.cap - s.fifo.len());
         s.fifo.extend_from_slice(&data[..n]);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::units::{self, SizeUnit};
+use crate::host::units::{self, SizeUnit};
 
 /// Most backends one hub may have (a socket listener counts once, whatever its clients).
 pub const MAX_BACKENDS: usize = 8;
@@ -36,6 +36,7 @@ pub const MAX_ROTATE: u64 = 1 << 40;
 /// The longest `idle-timeout=`.
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod sock;
 
@@ -117,7 +118,7 @@ Durations: seconds, or with ms, s, m, h suffix.
 Example: --console mux:sock=/run/vm.sock:ro,stdio,ring=2M,file=console.log:rotate=10M:keep=3
          --console mux:stdio,tcp=0.0.0.0:4444:token-file=vm.token:tls-cert=c.pem:tls-key=k.pem";
 
-pub use crate::logging::one_line;
+pub use crate::host::logging::one_line;
 
 /// Errors in a console spec. Each is one line naming the bad part.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -351,7 +352,7 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// Parses a size of the console spec (bytes unless suffixed, see [`crate::units`]);
+/// Parses a size of the console spec (bytes unless suffixed, see [`crate::host::units`]);
 /// `None` if bad or 0.
 pub fn parse_size(s: &str) -> Option<u64> {
     units::parse_size(s, SizeUnit::Bytes).filter(|&v| v > 0)

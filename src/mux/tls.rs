@@ -338,7 +338,7 @@ impl TlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::scratch_dir;
+    use crate::host::test_util::scratch_dir;
 
     #[test]
     fn bad_files_are_named() {

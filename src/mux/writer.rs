@@ -112,7 +112,7 @@ impl HubWriter {
     /// True while the hub's output is above its high-water mark (a sink that paces the
     /// guest, such as the terminal, is behind). A UART holds THRE low meanwhile to pace
     /// the guest like a real slow line; the hub tells the frontend when it clears
-    /// ([`crate::mux::FrontendInput::resume_output`]).
+    /// ([`crate::mux::Frontend::resume_output`]).
     pub fn congested(&self) -> bool {
         let c = self.shared.congested();
         if c {

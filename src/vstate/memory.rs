@@ -12,12 +12,11 @@
 //! exit; exit frees it).
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
-use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+pub use crate::arch::x86_64::layout::ram_ranges;
 
-/// Guest memory as the rest of microvm uses it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub use crate::arch::GuestMemory;
 
 /// Host alignment of guest RAM (a huge page).
 pub const HOST_ALIGNMENT: usize = 2 << 20;
@@ -36,17 +35,6 @@ pub enum MemoryError {
     /// vm-memory refused the regions (a bug in the layout).
     #[error("guest memory layout: {0}")]
     Layout(String),
-}
-
-/// The guest-physical RAM ranges for `size` bytes of memory: below the MMIO gap first,
-/// the rest from 4 GiB up.
-pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
-    let low = size.min(MMIO_GAP_START);
-    let mut ranges = vec![(GuestAddress(0), low as usize)];
-    if size > MMIO_GAP_START {
-        ranges.push((GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize));
-    }
-    ranges
 }
 
 /// Maps `len` bytes (a multiple of the page size) of anonymous memory at a
@@ -116,6 +104,8 @@ pub fn create(size: u64) -> Result<GuestMemory, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+    use vm_memory::GuestAddress;
 
     #[test]
     fn small_memory_is_one_range() {

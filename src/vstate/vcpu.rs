@@ -10,7 +10,6 @@ use vmm_sys_util::signal::{Killable, register_signal_handler};
 
 use super::coalesced::{CoalescedRing, QueuedWrite};
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::seccomp::{Filters, ThreadKind};
 use crate::vstate::bus::Bus;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -232,11 +231,16 @@ pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
 /// the virtio console's transmit path) needs far less.
 const VCPU_STACK_SIZE: usize = 512 << 10;
 
+/// Confines the calling vCPU thread (the VM core's seccomp filter for vCPU threads), given
+/// the thread's name for its messages. The VM core passes it in, so this layer knows
+/// nothing of seccomp.
+pub type Confine = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// What a vCPU thread does before it first enters the guest, when seccomp is on.
 #[derive(Clone)]
-pub struct SeccompStart {
-    /// The compiled filters (the thread installs the vCPU one).
-    pub filters: Arc<Filters>,
+pub struct ConfinedStart {
+    /// Installs the thread's filter.
+    pub confine: Confine,
     /// Released by the event loop once its own filter is in, so that no guest code runs
     /// while any thread of microvm is still unfiltered (and no filter is compiled into
     /// the kernel while a vCPU is in the guest).
@@ -252,8 +256,8 @@ impl Drop for SetOnDrop {
     }
 }
 
-/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty. With `seccomp`,
-/// the thread installs the vCPU filter and waits at the gate before its first `KVM_RUN`.
+/// Starts vCPU `id` on its own thread, pinned to `cpus` when not empty. With `confine`,
+/// the thread installs its filter and waits at the gate before its first `KVM_RUN`.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
@@ -261,7 +265,7 @@ pub fn spawn(
     exit: ExitNotifier,
     stop: StopFlag,
     cpus: Vec<usize>,
-    seccomp: Option<SeccompStart>,
+    confine: Option<ConfinedStart>,
 ) -> Result<VcpuHandle, VcpuError> {
     let done = Arc::new(AtomicBool::new(false));
     let done_thread = done.clone();
@@ -275,10 +279,9 @@ pub fn spawn(
             if let Err(e) = pin_current_thread(&cpus) {
                 log::warn!("vCPU {id}: cannot pin to host CPUs {cpus:?}: {e}; running unpinned");
             }
-            if let Some(start) = seccomp {
-                let label = format!("vcpu{id}");
-                let installed = crate::seccomp::install(&start.filters, ThreadKind::Vcpu, &label);
-                drop(start.filters);
+            if let Some(start) = confine {
+                let installed = (start.confine)(&format!("vcpu{id}"));
+                drop(start.confine);
                 // Always arrive, or the event loop would wait forever.
                 start.gate.wait();
                 if let Err(e) = installed {
@@ -286,8 +289,11 @@ pub fn spawn(
                     return;
                 }
             }
-            crate::seccomp::test_violation(ThreadKind::Vcpu);
-            crate::signals::test_panic("vcpu");
+            #[cfg(feature = "test-hooks")]
+            {
+                crate::host::test_hooks::violate_seccomp_if_asked("vcpu");
+                crate::host::test_hooks::panic_if_asked("vcpu");
+            }
             let mut counts = ExitCounts::default();
             while !stop.is_set() {
                 let action = match vcpu.run() {

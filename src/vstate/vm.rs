@@ -47,6 +47,51 @@ fn kvm_device_path() -> String {
     std::env::var("MICROVM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
 }
 
+/// What the host's KVM can boot: the one detection microvm, its scripts and its tests
+/// use (`microvm kvm-mode` prints it for the scripts and the boot tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKvm {
+    /// Hardware virtualization (VT-x/AMD-V): ordinary kernels boot.
+    Hardware,
+    /// PVM (`/sys/module/kvm_pvm`): only PVM-enabled guest kernels boot; tiny real-mode
+    /// guests run.
+    Pvm,
+    /// No KVM this process may use (the reason).
+    Unusable(String),
+}
+
+impl HostKvm {
+    /// Looks at this host.
+    pub fn detect() -> HostKvm {
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            return HostKvm::Pvm;
+        }
+        let path = kvm_device_path();
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(_) => HostKvm::Hardware,
+            Err(e) => HostKvm::Unusable(format!("cannot open {path}: {e}")),
+        }
+    }
+
+    /// True when an ordinary Linux kernel boots here.
+    pub fn boots_linux(&self) -> bool {
+        *self == HostKvm::Hardware
+    }
+
+    /// Why, in one line.
+    pub fn reason(&self) -> String {
+        match self {
+            HostKvm::Hardware => "the host /dev/kvm is hardware KVM".into(),
+            HostKvm::Pvm => "the host /dev/kvm is PVM (/sys/module/kvm_pvm), which boots only PVM-enabled kernels".into(),
+            HostKvm::Unusable(why) => format!("the host has no usable KVM ({why})"),
+        }
+    }
+}
+
 /// Opens the KVM device and checks the API version.
 pub fn open_kvm() -> Result<Kvm, VmError> {
     let path = kvm_device_path();

@@ -3,14 +3,14 @@
 //! `microvm run` with a host program; and the boot paths that had no Linux test: an ELF
 //! vmlinux, and the virtio console found through the ACPI DSDT alone.
 //!
-//! Guests other than the reference one are built here with `microvm::initramfs` from
+//! Guests other than the reference one are built here with `microvm::ci::initramfs` from
 //! the busybox of the machine the cases run on (the host, or the rig's L1) and the
 //! virtio modules `prepare_run_guests` put beside the CI example.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use microvm::initramfs::Initramfs;
+use microvm::ci::initramfs::Initramfs;
 
 use crate::common::contains;
 use crate::common::fs::Scratch;
@@ -69,9 +69,9 @@ fn build_initrd(
             .map_err(|e| e.to_string())?;
     }
     for (path, text) in extra {
-        fs.bytes(path, text.as_bytes().to_vec(), 0o644);
+        fs.file_from_bytes(path, text.as_bytes().to_vec(), 0o644);
     }
-    fs.bytes("/init", init.as_bytes().to_vec(), 0o755);
+    fs.file_from_bytes("/init", init.as_bytes().to_vec(), 0o755);
     let cpio = fs.to_cpio().map_err(|e| e.to_string())?;
     std::fs::write(out, cpio).map_err(|e| format!("{}: {e}", out.display()))
 }
@@ -302,7 +302,7 @@ fn run_host_program_exit_status(ctx: &Ctx) -> Result<(), String> {
 fn boot_elf_vmlinux(ctx: &Ctx) -> Result<(), String> {
     let dir = Scratch::new("elf")?;
     let vmlinux = dir.path("vmlinux");
-    let elf = microvm::kernel_probe::extract_vmlinux(&ctx.kernel)
+    let elf = microvm::arch::x86_64::kernel_probe::extract_vmlinux(&ctx.kernel)
         .map_err(|e| format!("extracting vmlinux: {e}"))?
         .ok_or("the bzImage's compression is not one microvm reads")?;
     if !elf.starts_with(b"\x7fELF") {

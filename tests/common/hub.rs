@@ -2,7 +2,7 @@
 //! "guest" thread, for the hub's integration tests (tests/mux*.rs, tests/auth.rs). No KVM.
 
 use event_manager::{EventManager, SubscriberOps};
-use microvm::mux::{ConsoleSpec, FrontendInput, Hub, HubConfig, HubWriter};
+use microvm::mux::{ConsoleSpec, Frontend, Hub, HubConfig, HubWriter};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,8 +22,8 @@ pub struct UartState {
     pub received: Vec<u8>,
 }
 
-impl FrontendInput for MockUart {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl Frontend for MockUart {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         let mut s = self.st.lock().unwrap();
         let n = data.len().min(64 - s.fifo.len());
         s.fifo.extend_from_slice(&data[..n]);

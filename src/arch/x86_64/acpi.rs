@@ -22,7 +22,7 @@ use super::layout::{
     ACPI_END, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
     ACPI_START, APIC_START, COM1_IRQ, COM1_PORT, COM1_PORT_LEN, IOAPIC_START,
 };
-use crate::vstate::memory::GuestMemory;
+use crate::arch::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"MICROV";
 const OEM_REVISION: u32 = 1;
@@ -191,7 +191,7 @@ mod tests {
 
     #[test]
     fn tables_are_valid_and_linked() {
-        let mem = crate::vstate::memory::create(16 << 20).unwrap();
+        let mem = crate::arch::x86_64::test_memory(16 << 20);
         let dev = AcpiDevice {
             name: "VR00".into(),
             hid: "LNRO0005",

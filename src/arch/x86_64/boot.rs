@@ -17,7 +17,7 @@ use vm_memory::{
 
 use super::layout::{CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
 use super::unpack::{self, UnpackError};
-use crate::vstate::memory::GuestMemory;
+use crate::arch::GuestMemory;
 
 /// `boot_params.hdr.boot_flag` magic.
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -523,7 +523,7 @@ mod tests {
     use super::*;
 
     fn mem(size: u64) -> GuestMemory {
-        crate::vstate::memory::create(size).unwrap()
+        crate::arch::x86_64::test_memory(size)
     }
 
     fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {

@@ -88,3 +88,15 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 
 /// Maximum vCPUs: the MADT's local APIC ids are 8 bits and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+
+/// The guest-physical RAM ranges for `size` bytes of memory: below the MMIO gap first,
+/// the rest from 4 GiB up.
+pub fn ram_ranges(size: u64) -> Vec<(vm_memory::GuestAddress, usize)> {
+    use vm_memory::GuestAddress;
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > MMIO_GAP_START {
+        ranges.push((GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize));
+    }
+    ranges
+}

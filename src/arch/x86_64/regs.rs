@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::layout::{
     BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
 };
-use crate::vstate::memory::GuestMemory;
+use crate::arch::GuestMemory;
 
 /// Errors setting up a vCPU's registers.
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_4g() {
-        let mem = crate::vstate::memory::create(16 << 20).unwrap();
+        let mem = crate::arch::x86_64::test_memory(16 << 20);
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPTE_START | 3);

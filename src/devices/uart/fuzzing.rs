@@ -20,7 +20,7 @@
 //! from RBR (DLAB clear) are the offered-and-accepted input and loopback bytes, in order,
 //! then 0 when empty; LSR shows data-ready exactly when the FIFO holds bytes and the
 //! transmitter busy exactly while the sink is congested; the FIFO never holds more than
-//! 64 bytes and `enqueue_input` accepts what fits (nothing in loopback); the "drained"
+//! 64 bytes and `take_input` accepts what fits (nothing in loopback); the "drained"
 //! eventfd fires once per RBR read that leaves the FIFO empty; odd-sized or out-of-range
 //! accesses change nothing (reads give 0xff).
 
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{LCR_DLAB, LSR_OFFSET, LSR_TEMT, LSR_THRE, Uart};
-use crate::devices::ConsoleSink;
+use crate::devices::FrontendOutput;
 use crate::fuzz_input::Input;
 use crate::vstate::bus::BusDevice;
 
@@ -58,7 +58,7 @@ impl Write for RecordingSink {
     }
 }
 
-impl ConsoleSink for RecordingSink {
+impl FrontendOutput for RecordingSink {
     fn congested(&self) -> bool {
         self.congested
     }
@@ -163,13 +163,13 @@ pub fn run(data: &[u8]) -> Outcome {
                         m.next_input
                     })
                     .collect();
-                let n = u.enqueue_input(&bytes);
+                let n = u.take_input(&bytes);
                 let want = if m.looping {
                     0
                 } else {
                     bytes.len().min(FIFO - m.fifo.len())
                 };
-                assert_eq!(n, want, "enqueue_input took another count");
+                assert_eq!(n, want, "take_input took another count");
                 m.fifo.extend(&bytes[..n]);
                 o.accepted += n;
                 // What was not taken is offered again later by the hub: model the

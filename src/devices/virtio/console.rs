@@ -2,9 +2,9 @@
 //!
 //! - TX: every available chain's readable bytes are gathered (scatter-gather) and handed to
 //!   the sink `W` in ONE `write()` call, so a hub sees one chunk per guest buffer.
-//! - RX: [`Console::receive`] fills the buffers the guest posted and returns how much it
+//! - RX: [`Console::take_input`] fills the buffers the guest posted and returns how much it
 //!   took; 0 when none are posted (the caller keeps the bytes and waits for the receive
-//!   queue's notification, the "drained" fd of [`ConsoleInput`]). Input is taken only once
+//!   queue's notification, the "drained" fd of [`ConsoleFrontend`]). Input is taken only once
 //!   the port is open ([`Console::is_open`]): the guest has written to it since activation.
 //!   Linux posts receive buffers before it links the port into its list, and drops data
 //!   that arrives in between (`in_intr` finds no port and flushes the buffers), so input
@@ -21,7 +21,7 @@
 //!   DEVICE_NEEDS_RESET. Each is logged, rate-limited, on stderr; nothing panics.
 //! - Bounded work: chains are walked by [`super::chain::walk`] (at most
 //!   [`MAX_CHAIN_DESCRIPTORS`] descriptor reads each), and one [`Console::process_tx`] or
-//!   [`Console::receive`] call handles a bounded number of chains, descriptors and bytes,
+//!   [`Console::take_input`] call handles a bounded number of chains, descriptors and bytes,
 //!   so whatever the guest puts on its rings, the thread serving them is held a bounded
 //!   time per call; leftovers are handled on the next call.
 
@@ -33,13 +33,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 mod event_loop;
-pub use event_loop::{ConsoleInput, ConsoleTxHandler};
+pub use event_loop::{ConsoleFrontend, ConsoleTxHandler};
 
 use super::chain::{self, Buffer, ChainError};
 use super::{
     ActivateError, FaultLog, InterruptSignal, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice,
 };
-use crate::devices::ConsoleSink;
+use crate::devices::FrontendOutput;
 use crate::vstate::memory::GuestMemory;
 
 /// Index of the receive queue (host to guest).
@@ -64,7 +64,7 @@ pub const MAX_CHAIN_DESCRIPTORS: u16 = QUEUE_SIZE;
 const TX_BATCH_CHAINS: usize = QUEUE_SIZE as usize;
 const TX_BATCH_DESCRIPTORS: usize = 4 * QUEUE_SIZE as usize;
 const TX_BATCH_BYTES: usize = MAX_CHAIN_BYTES;
-/// What one [`Console::receive`] call handles at most: chains, descriptors read.
+/// What one [`Console::take_input`] call handles at most: chains, descriptors read.
 const RX_BATCH_CHAINS: usize = 2 * QUEUE_SIZE as usize;
 const RX_BATCH_DESCRIPTORS: usize = 4 * QUEUE_SIZE as usize;
 /// Offset of `emerg_wr` in the configuration space.
@@ -142,7 +142,7 @@ enum TxCaller {
 type Popped = (u16, Result<(), ChainError>);
 
 /// The virtio console device, generic over its output sink and its interrupt.
-pub struct Console<W: ConsoleSink, I: InterruptSignal> {
+pub struct Console<W: FrontendOutput, I: InterruptSignal> {
     out: W,
     interrupt: I,
     acked_features: u64,
@@ -164,7 +164,7 @@ pub struct Console<W: ConsoleSink, I: InterruptSignal> {
     tx_continue: Option<EventFd>,
 }
 
-impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
+impl<W: FrontendOutput, I: InterruptSignal> Console<W, I> {
     /// A console writing guest output to `out` and raising `interrupt`.
     pub fn new(out: W, interrupt: I) -> Self {
         Console {
@@ -408,7 +408,7 @@ impl<W: ConsoleSink, I: InterruptSignal> Console<W, I> {
 
     /// Offers input to the guest: fills posted receive buffers and returns how many bytes
     /// were taken; 0 when no buffer is posted (or the port is not open yet).
-    pub fn receive(&mut self, data: &[u8]) -> usize {
+    pub fn take_input(&mut self, data: &[u8]) -> usize {
         let Some(mem) = self.mem.clone().filter(|_| self.is_open() && !self.broken) else {
             return 0;
         };
@@ -550,7 +550,7 @@ fn scatter(
     Ok(done)
 }
 
-impl<W: ConsoleSink, I: InterruptSignal> VirtioDevice for Console<W, I> {
+impl<W: FrontendOutput, I: InterruptSignal> VirtioDevice for Console<W, I> {
     fn device_type(&self) -> u32 {
         TYPE_CONSOLE
     }
@@ -637,7 +637,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use crate::mux::FrontendInput;
+    use crate::mux::Frontend;
     use event_manager::MutEventSubscriber;
     use vm_memory::Bytes;
 
@@ -659,7 +659,7 @@ mod tests {
         }
     }
 
-    impl ConsoleSink for Chunks {
+    impl FrontendOutput for Chunks {
         fn congested(&self) -> bool {
             self.1 || self.2
         }
@@ -890,11 +890,11 @@ mod tests {
         s.con.set_input_ready_event(ready.clone());
         s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
         assert!(!s.con.is_open());
-        assert_eq!(s.con.receive(b"abc"), 0, "port not open yet");
+        assert_eq!(s.con.take_input(b"abc"), 0, "port not open yet");
         assert!(ready.read().is_err());
         open(&mut s);
         assert_eq!(ready.read().unwrap(), 1, "input side told to offer again");
-        assert_eq!(s.con.receive(b"abc"), 3);
+        assert_eq!(s.con.take_input(b"abc"), 3);
         s.con.reset();
         assert!(!s.con.is_open());
     }
@@ -903,10 +903,10 @@ mod tests {
     fn rx_fills_posted_buffers_then_waits() {
         let mut s = setup();
         open(&mut s);
-        assert_eq!(s.con.receive(b"abc"), 0, "no buffers posted");
+        assert_eq!(s.con.take_input(b"abc"), 0, "no buffers posted");
         s.rx.push(s.rx.chain(0, &[(DATA, 4, WRITE)]));
         s.rx.push(s.rx.chain(1, &[(DATA + 0x100, 2, WRITE), (DATA + 0x200, 2, WRITE)]));
-        assert_eq!(s.con.receive(b"abcdefghij"), 8);
+        assert_eq!(s.con.take_input(b"abcdefghij"), 8);
         let mut b = [0u8; 4];
         s.mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
         assert_eq!(&b, b"abcd");
@@ -924,10 +924,10 @@ mod tests {
             2,
             "one for the tx, one for the rx"
         );
-        assert_eq!(s.con.receive(b"ij"), 0, "buffers used up");
+        assert_eq!(s.con.take_input(b"ij"), 0, "buffers used up");
         // a partial fill
         s.rx.push(s.rx.chain(2, &[(DATA, 64, WRITE)]));
-        assert_eq!(s.con.receive(b"ij"), 2);
+        assert_eq!(s.con.take_input(b"ij"), 2);
         assert_eq!(s.rx.used_elem(2), (2, 2));
         assert_eq!(s.con.faults(), 0);
     }
@@ -941,7 +941,7 @@ mod tests {
         // an indirect descriptor (not offered)
         s.rx.set_desc(2, DATA, 16, 4 | WRITE, 0);
         s.rx.push(2);
-        assert_eq!(s.con.receive(b"abcd"), 0);
+        assert_eq!(s.con.take_input(b"abcd"), 0);
         assert_eq!(s.con.faults(), 3);
         assert_eq!(s.rx.used_idx(), 3);
         assert_eq!(s.rx.used_elem(0), (0, 0));
@@ -951,7 +951,7 @@ mod tests {
     #[test]
     fn inactive_device_takes_nothing() {
         let mut con = Console::new(Chunks::default(), Irq::default());
-        assert_eq!(con.receive(b"x"), 0);
+        assert_eq!(con.take_input(b"x"), 0);
         assert!(!con.process_tx());
         assert!(!con.is_active());
     }
@@ -1104,10 +1104,10 @@ mod tests {
         }
         let data = vec![b'i'; 8 * 256];
         let per_call = RX_BATCH_DESCRIPTORS / 256;
-        assert_eq!(s.con.receive(&data), per_call * 256);
+        assert_eq!(s.con.take_input(&data), per_call * 256);
         assert_eq!(usize::from(s.rx.used_idx()), per_call);
-        assert_eq!(s.con.receive(&data), (8 - per_call) * 256);
-        assert_eq!(s.con.receive(&data), 0);
+        assert_eq!(s.con.take_input(&data), (8 - per_call) * 256);
+        assert_eq!(s.con.take_input(&data), 0);
         assert_eq!(s.con.faults(), 0);
     }
 
@@ -1132,14 +1132,15 @@ mod tests {
         let tx_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (rx, tx, mem) = (s.rx, s.tx, s.mem);
         let dev = Arc::new(Mutex::new(s.con));
-        let mut input = ConsoleInput::new(dev.clone(), rx_evt.clone());
-        assert_eq!(input.accept(b"hi"), 0);
+        let mut input =
+            ConsoleFrontend::new(dev.clone(), rx_evt.clone(), tx_evt.try_clone().unwrap());
+        assert_eq!(input.take_input(b"hi"), 0);
         rx.push(rx.chain(0, &[(DATA, 8, WRITE)]));
         rx_evt.write(1).unwrap();
         assert_eq!(input.drained_fd(), rx_evt.as_raw_fd());
         input.ack_drained();
         assert!(rx_evt.read().is_err(), "acked");
-        assert_eq!(input.accept(b"hi"), 2);
+        assert_eq!(input.take_input(b"hi"), 2);
 
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(
@@ -1150,5 +1151,9 @@ mod tests {
         tx_evt.write(1).unwrap();
         em.run_with_timeout(100).unwrap();
         assert_eq!(dev.lock().unwrap().sink().0[1], b"out".to_vec());
+        // The hub's "caught up" reaches the transmit handler's eventfd.
+        let _ = tx_evt.read();
+        input.resume_output();
+        assert_eq!(tx_evt.read().unwrap(), 1);
     }
 }

@@ -11,7 +11,7 @@
 //! | 1 | off:u16 size:u8 | MMIO read |
 //! | 2 | addr:u16 len:u8 bytes | write guest memory (driver-side data, rings, descriptors) |
 //! | 3 | - | process the transmit queue (an ioeventfd notify) |
-//! | 4 | len:u8 | offer `len` bytes of input (receive) |
+//! | 4 | len:u8 | offer `len` bytes of input (`take_input`) |
 //! | 5 | cols:u16 rows:u16 | terminal resize |
 //! | 6 | rx_size:u16 tx_size:u16 feat:u8 | driver bring-up: status steps, features, both queues at fixed places, DRIVER_OK |
 //! | 7 | q:u8 idx:u8 addr:u16 len:u16 flags:u8 next:u8 publish:u8 | write a descriptor; publish it in the avail ring when `publish & 1` |
@@ -47,7 +47,7 @@ impl Write for CountingSink {
     }
 }
 
-impl crate::devices::ConsoleSink for CountingSink {}
+impl crate::devices::FrontendOutput for CountingSink {}
 
 type Dev = Console<CountingSink, Arc<VirtioInterrupt>>;
 
@@ -128,7 +128,7 @@ pub fn run(data: &[u8]) -> Outcome {
             4 => (|| {
                 let len = usize::from(input.u8()?);
                 let buf = vec![b'i'; len];
-                let _ = lock(&dev).receive(&buf);
+                let _ = lock(&dev).take_input(&buf);
                 Some(())
             })(),
             5 => (|| {

@@ -16,6 +16,7 @@
 
 pub mod chain;
 pub mod console;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod mmio;
 

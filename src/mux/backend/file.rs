@@ -7,7 +7,7 @@
 //! progress. Rotation and the moved-file check apply to regular files only.
 
 use super::{BackendError, Port};
-use crate::files;
+use crate::host::files;
 use crate::mux::spec::FileSpec;
 use std::fs::File;
 use std::io::{self, Write};
@@ -264,7 +264,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::scratch_dir;
+    use crate::host::test_util::scratch_dir;
     use std::time::Duration;
 
     fn spec(path: PathBuf) -> FileSpec {

@@ -48,7 +48,7 @@ pub enum BackendError {
     },
     /// A private file or directory could not be made (runtime directory, lock file).
     #[error(transparent)]
-    Files(#[from] crate::files::FilesError),
+    Files(#[from] crate::host::files::FilesError),
     /// A token file is not usable.
     #[error(transparent)]
     Auth(#[from] crate::mux::auth::AuthError),

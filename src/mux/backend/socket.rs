@@ -1,7 +1,7 @@
 //! `sock[=PATH]` and `tcp=ADDR:PORT`: listeners and client streams.
 
 use super::{BackendError, Port, cvt};
-use crate::files::{FilesError, PathLock};
+use crate::host::files::{FilesError, PathLock};
 use crate::mux::spec::MAX_UNIX_PATH;
 use crate::mux::tls::TlsStream;
 use rustls::ServerConfig;
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// socket in the same process).
 pub fn default_socket_path() -> Result<PathBuf, FilesError> {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = crate::files::runtime_dir()?;
+    let dir = crate::host::files::runtime_dir()?;
     let n = N.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     Ok(if n == 0 {
@@ -379,7 +379,7 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<Listener, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::scratch_dir;
+    use crate::host::test_util::scratch_dir;
 
     #[test]
     fn mode_0600_and_removed() {

@@ -11,7 +11,7 @@ use super::{Hub, Reg};
 use crate::mux::auth::ClientRole;
 use crate::mux::backend::Port;
 use crate::mux::backend::socket::Stream;
-use crate::mux::endpoint::{Endpoint, InputMode, Owner, Role, plan};
+use crate::mux::endpoint::{Closing, Endpoint, EndpointId, InputMode, Owner, Role, plan};
 use crate::mux::listener::{Accepted, MAX_PENDING, Pending, READ_ONLY_NOTICE, Step, busy_message};
 
 impl Hub {
@@ -87,7 +87,7 @@ impl Hub {
     }
 
     /// Moves pending admission `id` on (its socket has something for it).
-    pub(super) fn handshake(&mut self, id: u32, reg: &mut dyn Reg) {
+    pub(super) fn handshake(&mut self, id: EndpointId, reg: &mut dyn Reg) {
         let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
@@ -170,8 +170,8 @@ impl Hub {
             let _ = port.write_first(role.ok_line().as_bytes());
         }
         let l = &mut self.listeners[i];
-        let no = l.admit();
-        let name = format!("client {no} on {}", l.sock.describe());
+        let number = l.admit();
+        let name = format!("client {number} on {}", l.sock.describe());
         let viewer = role == Some(ClientRole::Viewer);
         let plan = plan(
             Role::Client {
@@ -189,7 +189,7 @@ impl Hub {
             port,
             Owner::Client {
                 listener: i,
-                id: no,
+                number,
             },
             plan,
             start,
@@ -213,7 +213,7 @@ impl Hub {
         let victim = self
             .endpoints
             .iter_mut()
-            .filter(|(_, e)| e.dead.is_none())
+            .filter(|(_, e)| !e.is_closing())
             .filter(|(_, e)| matches!(e.owner, Owner::Client { listener, .. } if listener == i))
             .filter(|(_, e)| now.saturating_duration_since(e.last_active) >= self.cfg.evict_idle)
             .min_by_key(|(_, e)| e.last_active);
@@ -225,7 +225,7 @@ impl Hub {
             &format!("\r\n[microvm: disconnected: idle for {idle} s and a new client needed the place]\r\n"),
             &self.ring,
         );
-        ep.kill(None);
+        ep.close(Closing::Quietly);
         self.listeners[i].idle_closed += 1;
         true
     }
@@ -242,13 +242,13 @@ impl Hub {
             let Some(limit) = l.spec.idle_timeout else {
                 continue;
             };
-            if ep.dead.is_none() && now.saturating_duration_since(ep.last_active) >= limit {
-                let what = crate::units::format_duration(limit);
+            if !ep.is_closing() && now.saturating_duration_since(ep.last_active) >= limit {
+                let what = crate::host::units::format_duration(limit);
                 ep.notice(
                     &format!("\r\n[microvm: disconnected after {what} idle]\r\n"),
                     &self.ring,
                 );
-                ep.kill(Some(format!(
+                ep.close(Closing::Logged(format!(
                     "console {}: idle for {what}, disconnected",
                     ep.name
                 )));
@@ -260,7 +260,7 @@ impl Hub {
     /// Arms the timer for the next idle deadline or the end of an accept back-off.
     pub(super) fn arm_timer(&mut self) {
         let idle = self.endpoints.values().filter_map(|e| match e.owner {
-            Owner::Client { listener, .. } if e.dead.is_none() => self
+            Owner::Client { listener, .. } if !e.is_closing() => self
                 .listeners
                 .get(listener)
                 .and_then(|l| l.spec.idle_timeout)

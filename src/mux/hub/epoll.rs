@@ -10,7 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::Hub;
 use crate::mux::backend::Port;
-use crate::mux::endpoint::Owner;
+use crate::mux::endpoint::{Closing, EndpointId, Owner};
 use crate::mux::listener::Pending;
 
 /// What woke the hub (see the module doc).
@@ -159,7 +159,7 @@ impl Hub {
     }
 
     /// Closes pending admission `id` (removing it from epoll first).
-    pub(super) fn drop_pending(&mut self, id: u32, reg: &mut dyn Reg) -> Option<Pending> {
+    pub(super) fn drop_pending(&mut self, id: EndpointId, reg: &mut dyn Reg) -> Option<Pending> {
         let p = self.pending.remove(&id)?;
         if p.reg.is_some()
             && let Some(fd) = p.stream.fd()
@@ -171,20 +171,20 @@ impl Hub {
 
     /// Remove dead endpoints.
     pub(super) fn sweep(&mut self, reg: &mut dyn Reg) {
-        let dead: Vec<u32> = self
+        let closing: Vec<EndpointId> = self
             .endpoints
             .iter()
-            .filter(|(_, e)| e.dead.is_some())
-            .map(|(t, _)| *t)
+            .filter(|(_, e)| e.is_closing())
+            .map(|(id, _)| *id)
             .collect();
-        for id in dead {
+        for id in closing {
             let Some(mut ep) = self.endpoints.remove(&id) else {
                 continue;
             };
             if let (Some(fd), Some(_)) = (ep.fd, ep.reg) {
                 let _ = reg.remove(fd, Token::Endpoint(id).encode());
             }
-            if let Some(Some(msg)) = ep.dead.take() {
+            if let Some(Closing::Logged(msg)) = ep.closing.take() {
                 log::warn!("{msg}");
             }
             match ep.owner {
@@ -202,7 +202,7 @@ impl Hub {
     }
 
     /// Bring an endpoint's epoll interest in line with its state.
-    pub(super) fn sync(&mut self, id: u32, reg: &mut dyn Reg) {
+    pub(super) fn sync(&mut self, id: EndpointId, reg: &mut dyn Reg) {
         let Some(ep) = self.endpoints.get(&id) else {
             return;
         };
@@ -211,7 +211,7 @@ impl Hub {
         };
         let token = Token::Endpoint(id).encode();
         let input_live = ep.input_live();
-        let gone = ep.dead.is_some() || ep.parked || (!input_live && ep.sink.is_none());
+        let gone = ep.is_closing() || ep.parked || (!input_live && ep.sink.is_none());
         if gone {
             if ep.reg.is_some() {
                 let _ = reg.remove(fd, token);
@@ -219,7 +219,7 @@ impl Hub {
             if let Some(ep) = self.endpoints.get_mut(&id) {
                 ep.reg = None;
                 if !input_live && ep.sink.is_none() {
-                    ep.kill(None);
+                    ep.close(Closing::Quietly);
                 }
             }
             return;
@@ -253,7 +253,7 @@ impl Hub {
             }
             Err(e) => {
                 let msg = format!("console backend {}: cannot watch it: {e}", ep.name);
-                ep.kill(Some(msg));
+                ep.close(Closing::Logged(msg));
             }
         }
     }

@@ -27,7 +27,7 @@
 //! hub never holds more input than its buffer; each Ctrl-A x asks the VM to stop once.
 //! Escape parser: feeding a stream in any split gives the same bytes and actions as
 //! feeding it whole, and both match a reference reading of the key table in
-//! [`super::term`], for all three key sets.
+//! [`crate::host::term`], for all three key sets.
 
 use std::collections::VecDeque;
 use std::io;
@@ -43,7 +43,7 @@ use crate::fuzz_input::Input;
 use crate::mux::backend::Port;
 use crate::mux::endpoint::{Endpoint, InputMode, Owner, Plan};
 use crate::mux::escape::{DETACH_KEY, ESCAPE_PREFIX, EscapeAction, EscapeKeys, EscapeParser};
-use crate::mux::frontend::FrontendInput;
+use crate::mux::frontend::Frontend;
 
 const SOURCES: usize = 4;
 const TERMINAL: usize = 0;
@@ -107,8 +107,8 @@ struct FuzzFrontend {
     evt: EventFd,
 }
 
-impl FrontendInput for FuzzFrontend {
-    fn accept(&mut self, data: &[u8]) -> usize {
+impl Frontend for FuzzFrontend {
+    fn take_input(&mut self, data: &[u8]) -> usize {
         let mut s = lock(&self.st);
         let n = data.len().min(s.cap - s.fifo.len());
         s.fifo.extend(&data[..n]);
@@ -333,7 +333,7 @@ fn run_hub(data: &[u8]) -> Outcome {
     }
 }
 
-/// The key table of [`super::term`], read straight: what `keys` makes of a whole stream.
+/// The key table of [`crate::host::term`], read straight: what `keys` makes of a whole stream.
 fn reference(keys: EscapeKeys, data: &[u8]) -> (Vec<u8>, Vec<EscapeAction>) {
     let (mut out, mut acts) = (Vec::new(), Vec::new());
     let mut i = 0;

@@ -4,7 +4,7 @@
 //! `Frontends::feed`.
 
 use super::Hub;
-use crate::mux::endpoint::{Endpoint, InputMode, Owner, Read};
+use crate::mux::endpoint::{Closing, Endpoint, EndpointId, InputMode, Owner, Read};
 use crate::mux::escape::{EscapeAction, STDIO_ESCAPE_HELP};
 use crate::mux::listener::{Keyboard, READ_ONLY_NOTICE};
 
@@ -18,14 +18,14 @@ pub(super) enum Outcome {
 }
 
 impl Hub {
-    pub(super) fn is_stdin(&self, id: u32) -> bool {
+    pub(super) fn is_stdin(&self, id: EndpointId) -> bool {
         self.endpoints
             .get(&id)
             .is_some_and(|e| !e.is_client() && e.sink.is_none() && e.fd == Some(libc::STDIN_FILENO))
     }
 
     /// True when endpoint `id`'s input is read and dropped (viewers, non-holders).
-    pub(super) fn discards(&self, id: u32, ep: &Endpoint) -> bool {
+    pub(super) fn discards(&self, id: EndpointId, ep: &Endpoint) -> bool {
         let Some(source) = &ep.source else {
             return false;
         };
@@ -38,11 +38,11 @@ impl Hub {
         }
     }
 
-    pub(super) fn read_from(&mut self, id: u32) -> Outcome {
+    pub(super) fn read_from(&mut self, id: EndpointId) -> Outcome {
         let Some(ep) = self.endpoints.get(&id) else {
             return Outcome::Failed;
         };
-        if ep.dead.is_some() || !ep.input_live() {
+        if ep.is_closing() || !ep.input_live() {
             return Outcome::Failed;
         }
         let discard = self.discards(id, ep);
@@ -67,9 +67,9 @@ impl Hub {
                 if let Some(ep) = self.endpoints.get_mut(&id) {
                     if !ep.is_client() {
                         let why = format!("{} closed; the VM goes on", ep.name);
-                        ep.kill(Some(why));
+                        ep.close(Closing::Logged(why));
                     } else if ep.sink.is_none() {
-                        ep.kill(None);
+                        ep.close(Closing::Quietly);
                     }
                 }
                 Outcome::Eof
@@ -79,7 +79,11 @@ impl Hub {
                 if let Some(ep) = self.endpoints.get_mut(&id) {
                     let why = format!("console backend {}: read failed: {e}", ep.name);
                     let quiet = ep.is_client();
-                    ep.kill((!quiet).then_some(why));
+                    ep.close(if quiet {
+                        Closing::Quietly
+                    } else {
+                        Closing::Logged(why)
+                    });
                 }
                 Outcome::Failed
             }
@@ -90,7 +94,7 @@ impl Hub {
     }
 
     /// One read from a source: handled whole, appended to the input stream contiguously.
-    fn take_input(&mut self, id: u32, data: &[u8]) {
+    fn take_input(&mut self, id: EndpointId, data: &[u8]) {
         let Some(ep) = self.endpoints.get_mut(&id) else {
             return;
         };
@@ -98,8 +102,8 @@ impl Hub {
             return;
         };
         let (verdict, listener) = match ep.owner {
-            Owner::Client { listener, id: no } => match self.listeners.get_mut(listener) {
-                Some(l) => (l.keyboard(id, source, data), Some((listener, no))),
+            Owner::Client { listener, number } => match self.listeners.get_mut(listener) {
+                Some(l) => (l.keyboard(id, source, data), Some((listener, number))),
                 None => (Keyboard::Drop, None),
             },
             Owner::Backend => (Keyboard::Deliver, None),
@@ -122,9 +126,9 @@ impl Hub {
             Keyboard::Drop | Keyboard::TookOver => {}
         }
         if matches!(verdict, Keyboard::TookFree | Keyboard::TookOver)
-            && let Some((listener, no)) = listener
+            && let Some((listener, number)) = listener
         {
-            self.announce_holder(listener, id, no);
+            self.announce_holder(listener, id, number);
         }
         for a in actions {
             self.escape_action(a);
@@ -132,9 +136,9 @@ impl Hub {
     }
 
     /// Tells every client of `listener` who has the keyboard now.
-    fn announce_holder(&mut self, listener: usize, holder: u32, no: u64) {
+    fn announce_holder(&mut self, listener: usize, holder: EndpointId, number: u64) {
         let msg =
-            format!("\r\n[microvm: client {no} took the keyboard; Ctrl-A w takes it back]\r\n");
+            format!("\r\n[microvm: client {number} took the keyboard; Ctrl-A w takes it back]\r\n");
         for (id, ep) in self.endpoints.iter_mut() {
             if !matches!(ep.owner, Owner::Client { listener: l, .. } if l == listener) {
                 continue;
@@ -170,7 +174,7 @@ impl Hub {
 
     /// A message on the VMM's terminal only.
     fn local_notice(&mut self, msg: &str) {
-        if let Some(ep) = self.stdout.and_then(|t| self.endpoints.get_mut(&t)) {
+        if let Some(ep) = self.stdout.and_then(|id| self.endpoints.get_mut(&id)) {
             ep.notice(msg, &self.ring);
         }
     }
@@ -179,20 +183,20 @@ impl Hub {
     /// those whose port holds input polling would not show (decrypted TLS bytes) while
     /// there is room.
     pub(super) fn service_parked(&mut self) {
-        let parked: Vec<(u32, bool)> = self
+        let parked: Vec<(EndpointId, bool)> = self
             .endpoints
             .iter_mut()
-            .filter(|(_, e)| e.dead.is_none())
+            .filter(|(_, e)| !e.is_closing())
             .filter(|(_, e)| e.parked || e.input_live())
-            .filter_map(|(t, e)| (e.parked || e.port.input_buffered()).then_some((*t, e.parked)))
+            .filter_map(|(id, e)| (e.parked || e.port.input_buffered()).then_some((*id, e.parked)))
             .collect();
         for (id, hung_up) in parked {
             loop {
                 match self.read_from(id) {
-                    Outcome::Data => self.frontends.feed(&mut self.input),
+                    Outcome::Data => self.frontends.take_input(&mut self.input),
                     Outcome::Eof | Outcome::Failed => {
                         if hung_up && let Some(e) = self.endpoints.get_mut(&id) {
-                            e.kill(None);
+                            e.close(Closing::Quietly);
                         }
                         break;
                     }

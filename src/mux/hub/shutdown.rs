@@ -34,7 +34,7 @@ impl Hub {
             let waiting: Vec<(libc::pollfd, bool)> = self
                 .endpoints
                 .iter()
-                .filter(|(_, e)| e.dead.is_none() && e.pending(&self.ring) > 0)
+                .filter(|(_, e)| !e.is_closing() && e.pending(&self.ring) > 0)
                 .filter_map(|(id, e)| {
                     let pfd = libc::pollfd {
                         fd: e.fd?,

@@ -14,7 +14,7 @@ use super::{
     DEFAULT_CLIENT_QUEUE, DEFAULT_MAX_CLIENTS, DEFAULT_SOCKET_MODE, MAX_CLIENTS, MAX_IDLE_TIMEOUT,
     MAX_QUEUE, SpecError, escape, parse_count, split_opt, unescape, usize_size,
 };
-use crate::units;
+use crate::host::units;
 
 /// Where a socket server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! How the event loop and the console hub reach the virtio console: [`ConsoleTxHandler`]
 //! moves transmit output when the device defers it to the loop (leftovers after a full
-//! batch, a congested sink), and [`ConsoleInput`] is the hub's input target for hvc0
+//! batch, a congested sink), and [`ConsoleFrontend`] is the hub's input target for hvc0
 //! (offers bytes to the posted receive buffers; the receive queue's notification says
 //! there is room again). Both hold the device behind one mutex shared with the vCPU
 //! thread, which serves QueueNotify exits itself.
@@ -14,9 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::Console;
-use crate::devices::ConsoleSink;
+use crate::devices::FrontendOutput;
 use crate::devices::virtio::InterruptSignal;
-use crate::mux::FrontendInput;
+use crate::mux::Frontend;
 
 /// Locks a shared console, surviving a poisoned lock (a panicked holder).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -26,7 +26,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Event-loop glue for the transmit queue: moves output when `tx_evt` fires (kicked by
 /// [`Console::notify_tx`] for leftovers, and by the hub's decongestion hook), and looks
 /// again on a timer while paused.
-pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
+pub struct ConsoleTxHandler<W: FrontendOutput, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     tx_evt: EventFd,
     recheck: TimerFd,
@@ -35,7 +35,7 @@ pub struct ConsoleTxHandler<W: ConsoleSink, I: InterruptSignal> {
 /// How soon a paused transmit queue is looked at again even without a decongestion call.
 const PAUSE_RECHECK: Duration = Duration::from_millis(20);
 
-impl<W: ConsoleSink, I: InterruptSignal> ConsoleTxHandler<W, I> {
+impl<W: FrontendOutput, I: InterruptSignal> ConsoleTxHandler<W, I> {
     /// A handler for `device`'s transmit queue, notified through `tx_evt`.
     pub fn new(device: Arc<Mutex<Console<W, I>>>, tx_evt: EventFd) -> std::io::Result<Self> {
         let recheck = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
@@ -47,7 +47,7 @@ impl<W: ConsoleSink, I: InterruptSignal> ConsoleTxHandler<W, I> {
     }
 }
 
-impl<W: ConsoleSink, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
+impl<W: FrontendOutput, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler<W, I> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.tx_evt.as_raw_fd() {
             let _ = self.tx_evt.read();
@@ -73,25 +73,32 @@ impl<W: ConsoleSink, I: InterruptSignal> MutEventSubscriber for ConsoleTxHandler
     }
 }
 
-/// The console's input side, as the console hub's `FrontendInput` wants it: `accept`
-/// offers bytes; `drained_fd` (the receive queue's ioeventfd) becomes readable when the
-/// guest posts receive buffers, i.e. when there is room for more.
-pub struct ConsoleInput<W: ConsoleSink, I: InterruptSignal> {
+/// The virtio console as a console hub frontend: `take_input` offers bytes;
+/// `drained_fd` (the receive queue's ioeventfd) becomes readable when the guest posts
+/// receive buffers, i.e. when there is room for more; `resume_output` kicks the transmit
+/// handler (through `resume`, its eventfd) once the hub's consumers have caught up.
+pub struct ConsoleFrontend<W: FrontendOutput, I: InterruptSignal> {
     device: Arc<Mutex<Console<W, I>>>,
     rx_evt: Arc<EventFd>,
+    resume: EventFd,
 }
 
-impl<W: ConsoleSink, I: InterruptSignal> ConsoleInput<W, I> {
-    /// Input for `device`, whose receive queue notifies `rx_evt`.
-    pub fn new(device: Arc<Mutex<Console<W, I>>>, rx_evt: Arc<EventFd>) -> Self {
-        ConsoleInput { device, rx_evt }
+impl<W: FrontendOutput, I: InterruptSignal> ConsoleFrontend<W, I> {
+    /// The frontend of `device`, whose receive queue notifies `rx_evt` and whose transmit
+    /// handler `resume` wakes.
+    pub fn new(device: Arc<Mutex<Console<W, I>>>, rx_evt: Arc<EventFd>, resume: EventFd) -> Self {
+        ConsoleFrontend {
+            device,
+            rx_evt,
+            resume,
+        }
     }
 }
 
-impl<W: ConsoleSink, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
+impl<W: FrontendOutput, I: InterruptSignal> Frontend for ConsoleFrontend<W, I> {
     /// Offers bytes; returns how many the guest's posted buffers took.
-    fn accept(&mut self, data: &[u8]) -> usize {
-        lock(&self.device).receive(data)
+    fn take_input(&mut self, data: &[u8]) -> usize {
+        lock(&self.device).take_input(data)
     }
 
     /// Readable when the guest posted receive buffers (or the port opened).
@@ -106,5 +113,9 @@ impl<W: ConsoleSink, I: InterruptSignal> FrontendInput for ConsoleInput<W, I> {
     /// The guest has opened its port (written to it since activation).
     fn is_open(&self) -> bool {
         lock(&self.device).is_open()
+    }
+
+    fn resume_output(&mut self) {
+        let _ = self.resume.write(1);
     }
 }

@@ -284,7 +284,7 @@ impl PathLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::scratch_dir;
+    use crate::host::test_util::scratch_dir;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     #[test]

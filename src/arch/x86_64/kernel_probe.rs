@@ -1,6 +1,6 @@
 //! What the kernel image tells about its consoles: whether hvc0 (virtio-console over
 //! virtio-mmio) exists before init runs, which decides the default command line's
-//! `console=` (see [`crate::config::default_cmdline`]).
+//! `console=` (see [`crate::cli::config::default_cmdline`]).
 //!
 //! Why it matters: with `console=hvc0` and virtio_console built as a module (Debian's
 //! stock kernel), the kernel has no console when it starts init, so a plain init's
@@ -48,20 +48,10 @@ pub enum KernelConsoles {
     Unknown(String),
 }
 
-impl KernelConsoles {
-    /// The default line's console for such a kernel: hvc0 only when it exists at boot.
-    pub fn default_console(&self) -> crate::config::DefaultConsole {
-        match self {
-            KernelConsoles::Hvc0AtBoot => crate::config::DefaultConsole::Hvc0,
-            _ => crate::config::DefaultConsole::Uart,
-        }
-    }
-}
-
 /// Scans a kernel already loaded, uncompressed, at `start` (`len` bytes) in guest
 /// memory: the builder's way, so that an image is read and unpacked once.
 pub fn probe_loaded(
-    mem: &crate::vstate::memory::GuestMemory,
+    mem: &crate::arch::GuestMemory,
     start: vm_memory::GuestAddress,
     len: u64,
 ) -> KernelConsoles {
@@ -78,7 +68,7 @@ pub fn probe_loaded(
 
 /// Reads `left` bytes of guest memory from `at` on.
 struct GuestReader<'a> {
-    mem: &'a crate::vstate::memory::GuestMemory,
+    mem: &'a crate::arch::GuestMemory,
     at: vm_memory::GuestAddress,
     left: u64,
 }
@@ -276,7 +266,7 @@ mod tests {
     #[test]
     fn a_kernel_loaded_in_guest_memory_is_scanned_where_it_lies() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = crate::vstate::memory::create(32 << 20).unwrap();
+        let mem = crate::arch::x86_64::test_memory(32 << 20);
         let start = GuestAddress(16 << 20);
         for (with_console, want) in [
             (true, KernelConsoles::Hvc0AtBoot),

@@ -1,4 +1,17 @@
-//! The running VM: the event loop on the main thread, and an orderly shutdown.
+//! The VM core: the builder (one function per boot step), the running VM (the event loop
+//! on the main thread, and an orderly shutdown), every process-wide signal disposition,
+//! and the per-thread seccomp filters.
+//!
+//! | module | job |
+//! |---|---|
+//! | `builder` | `VmConfig` -> a running [`Vmm`], one function per boot step and device |
+//! | this file | the event loop, the stop of the vCPUs, drain and shutdown of the hubs |
+//! | `signals` | every disposition, installed once in a documented order |
+//! | `seccomp` | per-thread allowlists (vCPU, event loop), the SIGSYS report |
+
+pub mod builder;
+pub mod seccomp;
+pub mod signals;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -8,15 +21,16 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console_checks::ConsoleChecks;
+use crate::ci::Outcome;
+use crate::ci::console_checks::ConsoleChecks;
+use crate::ci::ktap::{self, KtapWatch};
 use crate::devices::debug_port::BootTimer;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::ktap::{self, KtapWatch, Results};
-use crate::mux::{Hub, HubStats};
-use crate::seccomp::{self, ThreadKind};
+use crate::mux::Hub;
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{SeccompStart, StopFlag, VcpuHandle};
+use crate::vstate::vcpu::{StopFlag, VcpuHandle};
 use crate::vstate::vm::Vm;
+use seccomp::ThreadKind;
 
 /// How long the event loop sleeps at most between checks of the exit state.
 const LOOP_TIMEOUT_MS: i32 = 500;
@@ -46,7 +60,7 @@ impl MutEventSubscriber for ExitWatcher {
             return;
         }
         let _ = self.exit.event().read();
-        if let Some(sig) = crate::signals::stop_signal() {
+        if let Some(sig) = crate::vmm::signals::stop_signal() {
             self.exit.exit(ExitReason::Signal(sig));
         }
     }
@@ -71,27 +85,7 @@ pub struct RunChecks {
     /// `--junit`: failed or missing test results fail the run.
     pub junit: bool,
     /// `--send-after` steps done so far.
-    pub send_after: crate::send_after::Progress,
-}
-
-/// How a run ended, and what went through its consoles (for stderr and `--report`).
-#[derive(Debug)]
-pub struct Outcome {
-    /// The verdict.
-    pub reason: ExitReason,
-    /// microvm's start to the guest's boot-timer write.
-    pub boot_time: Option<Duration>,
-    /// microvm's start to the end of the run.
-    pub wall_time: Duration,
-    /// `--expect` patterns seen, of how many.
-    pub expect_progress: (usize, usize),
-    /// Per console hub (`--console` first, then `--serial`): its traffic and the last
-    /// bytes of its stream.
-    pub consoles: Vec<(HubStats, Vec<u8>)>,
-    /// The KTAP/TAP results on the consoles (with `--junit` or `--report`).
-    pub tests: Option<Results>,
-    /// `--send-after` steps that typed their text.
-    pub send_after_done: usize,
+    pub send_after: crate::ci::send_after::Progress,
 }
 
 /// A running VM.
@@ -104,7 +98,7 @@ pub struct Vmm {
     checks: RunChecks,
     /// The filters and the vCPUs' start gate, when seccomp is on: `run` installs the
     /// event loop's filter, then opens the gate.
-    seccomp: Option<SeccompStart>,
+    seccomp: Option<seccomp::SeccompStart>,
     // Kept alive until the vCPUs have stopped: KVM maps guest memory from these.
     _guest: (Vm, GuestMemory),
 }
@@ -120,7 +114,7 @@ impl Vmm {
         consoles: Consoles,
         checks: RunChecks,
         guest: (Vm, GuestMemory),
-        seccomp: Option<SeccompStart>,
+        seccomp: Option<seccomp::SeccompStart>,
     ) -> Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             exit: exit.clone(),
@@ -146,13 +140,15 @@ impl Vmm {
         if let Some(start) = self.seccomp.take() {
             let installed = seccomp::install(&start.filters, ThreadKind::EventLoop, "event-loop");
             drop(start.filters);
-            seccomp::test_violation(ThreadKind::EventLoop);
+            #[cfg(feature = "test-hooks")]
+            crate::host::test_hooks::violate_seccomp_if_asked(ThreadKind::EventLoop.name());
             start.gate.wait();
             if let Err(e) = installed {
                 self.exit.exit(ExitReason::Error(e.to_string()));
             }
         } else {
-            seccomp::test_violation(ThreadKind::EventLoop);
+            #[cfg(feature = "test-hooks")]
+            crate::host::test_hooks::violate_seccomp_if_asked(ThreadKind::EventLoop.name());
         }
         while self.exit.reason().is_none() {
             let mut wait_ms = LOOP_TIMEOUT_MS;
@@ -169,7 +165,8 @@ impl Vmm {
             // reason) instead of unwinding past the shutdown below.
             let em = &mut self.event_manager;
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                crate::signals::test_panic("event-loop");
+                #[cfg(feature = "test-hooks")]
+                crate::host::test_hooks::panic_if_asked(ThreadKind::EventLoop.name());
                 em.run_with_timeout(wait_ms)
             }));
             match ran {

@@ -565,6 +565,7 @@ impl KtapParser {
     }
 }
 
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod watch;
 

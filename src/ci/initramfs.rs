@@ -115,7 +115,7 @@ impl Initramfs {
     }
 
     /// A file at `path` with `data` and permission bits `mode`.
-    pub fn bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
+    pub fn file_from_bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
         self.parents(path);
         self.nodes
             .insert(path.to_string(), Node::File { data, mode });
@@ -136,7 +136,7 @@ impl Initramfs {
             source,
         })?;
         let data = read(host)?;
-        self.bytes(path, data, meta.permissions().mode() & 0o7777);
+        self.file_from_bytes(path, data, meta.permissions().mode() & 0o7777);
         Ok(())
     }
 
@@ -192,11 +192,11 @@ impl Initramfs {
         }
         for m in &order {
             if let Some(d) = data.remove(m) {
-                self.bytes(&format!("/lib/modules/microvm/{m}.ko"), d, 0o644);
+                self.file_from_bytes(&format!("/lib/modules/microvm/{m}.ko"), d, 0o644);
             }
         }
         let list: String = order.iter().map(|m| format!("{m}.ko\n")).collect();
-        self.bytes("/lib/modules/microvm/order", list.into_bytes(), 0o644);
+        self.file_from_bytes("/lib/modules/microvm/order", list.into_bytes(), 0o644);
         Ok(order)
     }
 
@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn archive_has_parents_links_and_trailer() {
         let mut i = Initramfs::new();
-        i.bytes("/init", b"#!/bin/sh\n".to_vec(), 0o755);
+        i.file_from_bytes("/init", b"#!/bin/sh\n".to_vec(), 0o755);
         i.symlink("/bin/sh", "busybox");
         i.dir("/proc");
         let cpio = i.to_cpio().unwrap();

@@ -1,4 +1,4 @@
-//! `--junit FILE`: the KTAP/TAP results of a run ([`crate::ktap::Results`]) as JUnit XML,
+//! `--junit FILE`: the KTAP/TAP results of a run ([`crate::ci::ktap::Results`]) as JUnit XML,
 //! the format GitHub (test-reporter actions), GitLab (`artifacts:reports:junit`) and
 //! Jenkins (the JUnit and xUnit plugins) read.
 //!
@@ -16,7 +16,7 @@
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 
-use crate::ktap::{Case, Counts, Outcome, Results};
+use crate::ci::ktap::{Case, Counts, Outcome, Results};
 
 /// Errors writing the JUnit file.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +134,7 @@ pub fn render(results: &Results, name: &str, seconds: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ktap::{KtapParser, Suite};
+    use crate::ci::ktap::{KtapParser, Suite};
 
     #[test]
     fn renders_counts_and_elements() {

@@ -20,6 +20,9 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::{Arc, Barrier};
+
+use crate::vstate::vcpu::ConfinedStart;
 
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
@@ -37,11 +40,6 @@ pub const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_bindings::k
 const fn kvm_ior(nr: u64, size: usize) -> u64 {
     (2 << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
-
-/// Test-only: set to `event-loop` or `vcpu` to make that thread attempt a forbidden
-/// syscall (`socket(AF_INET, ...)`) right after its filter is installed (or would have
-/// been, with `--no-seccomp`). The integration tests use it to prove the filter works.
-pub const TEST_VIOLATION_ENV: &str = "MICROVM_TEST_SECCOMP_VIOLATION";
 
 /// Errors building or installing the filters.
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +77,45 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    /// The name used in messages and in [`TEST_VIOLATION_ENV`].
+    /// The name used in messages (and by the `test-hooks` feature's hooks).
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::EventLoop => "event-loop",
+        }
+    }
+}
+
+/// The filters and the vCPUs' start gate, when seccomp is on: each vCPU thread installs
+/// its filter (through [`SeccompStart::confine_vcpu`]) and waits at the gate; `Vmm::run`
+/// installs the event loop's, then opens the gate.
+pub struct SeccompStart {
+    /// The compiled filters.
+    pub filters: Arc<Filters>,
+    /// Released by the event loop once its own filter is in, so that no guest code runs
+    /// while any thread of microvm is still unfiltered (and no filter is compiled into
+    /// the kernel while a vCPU is in the guest).
+    pub gate: Arc<Barrier>,
+}
+
+impl SeccompStart {
+    /// Compiles the filters; the gate waits for `vcpus` threads and the event loop.
+    pub fn new(vcpus: usize) -> Result<SeccompStart, SeccompError> {
+        Ok(SeccompStart {
+            filters: Arc::new(Filters::build()?),
+            gate: Arc::new(Barrier::new(vcpus + 1)),
+        })
+    }
+
+    /// What a vCPU thread runs before it first enters the guest: install the vCPU
+    /// filter under the thread's name, then wait at the gate.
+    pub fn confine_vcpu(&self) -> ConfinedStart {
+        let filters = self.filters.clone();
+        ConfinedStart {
+            confine: Arc::new(move |label: &str| {
+                install(&filters, ThreadKind::Vcpu, label).map_err(|e| e.to_string())
+            }),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -351,20 +383,6 @@ pub fn install(filters: &Filters, kind: ThreadKind, label: &str) -> Result<(), S
     Ok(())
 }
 
-/// Test-only hook (see [`TEST_VIOLATION_ENV`]): when asked for `kind`, attempt
-/// `socket(AF_INET, SOCK_STREAM)`, which no filter allows. Without a filter the socket is
-/// made and closed and nothing else happens.
-pub fn test_violation(kind: ThreadKind) {
-    if std::env::var(TEST_VIOLATION_ENV).is_ok_and(|v| v == kind.name()) {
-        // SAFETY: socket(2) with constant arguments; the result is checked and closed.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd >= 0 {
-            // SAFETY: `fd` is the socket just created and owned here.
-            unsafe { libc::close(fd) };
-        }
-    }
-}
-
 /// Offset of `si_syscall` in x86_64's `siginfo_t` (`_sigsys`: `_call_addr` at 16, then
 /// the syscall number as an int).
 const SI_SYSCALL_OFFSET: usize = 24;
@@ -451,14 +469,14 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         -1
     };
     let label = LABEL.get();
-    let line = violation_line(&label, nr, crate::mux::term::raw_active());
+    let line = violation_line(&label, nr, crate::host::term::raw_active());
     let bytes = line.as_bytes();
     // SAFETY: write(2) and _exit(2) are async-signal-safe; `bytes` is a live local buffer.
     // restore_terminal is async-signal-safe (atomics, tcsetattr, fcntl), and both filters
     // allow what it calls.
     unsafe {
         libc::write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len());
-        crate::mux::term::restore_terminal();
+        crate::host::term::restore_terminal();
         libc::_exit(crate::exit::EXIT_RUNTIME_ERROR);
     }
 }

@@ -1,12 +1,16 @@
 //! The command line (clap types only) and its conversion into a [`VmConfig`].
 
+pub mod config;
+pub mod run;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::arch::x86_64::kernel_probe;
 use crate::arch::x86_64::layout::MAX_VCPUS;
-use crate::config::{self, BootSource, Checks, ConfigError, DefaultConsole, VmConfig};
-use crate::kernel_probe;
+use crate::ci::Checks;
+use crate::cli::config::{BootSource, ConfigError, DefaultConsole, VmConfig};
 use crate::mux::CONSOLE_SPEC_HELP;
 
 const EXAMPLES: &str = "\
@@ -80,6 +84,10 @@ pub enum Command {
         after_help = "Example:\n  microvm run --kernel /boot/vmlinuz-$(uname -r) --modules /lib/modules/$(uname -r) -- /bin/uname -a"
     )]
     Run(Box<RunCommand>),
+    /// For the project's scripts and tests: prints `direct` when this host's KVM boots
+    /// ordinary kernels, else `nested`, and the reason on stderr.
+    #[command(hide = true)]
+    KvmMode,
 }
 
 /// Run a host program in a fresh kernel: microvm builds an initramfs in memory (the
@@ -307,7 +315,7 @@ impl RunArgs {
     /// `--kernel`, the line for a kernel with hvc0 built in.
     pub fn cmdline_line(&self) -> String {
         self.cmdline_spec().render(|| match &self.kernel {
-            Some(k) => kernel_probe::probe(k).default_console(),
+            Some(k) => DefaultConsole::for_kernel(&kernel_probe::probe(k)),
             None => DefaultConsole::Hvc0,
         })
     }
@@ -332,7 +340,7 @@ impl RunArgs {
             boot_timer: self.boot_timer,
             report: self.report.clone(),
             junit: self.junit.clone(),
-            send_after: crate::send_after::parse_steps(&self.send_after)?,
+            send_after: crate::ci::send_after::parse_steps(&self.send_after)?,
             tail_lines: self.tail_lines,
         })
     }

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::console_checks::Pattern;
+use crate::ci::console_checks::Pattern;
 use crate::mux::Hub;
 
 /// The most text all steps of a run may type, in bytes.

@@ -25,18 +25,17 @@
 //!           { "name": "example_simple_test", "result": "pass", "message": "" } ] } ] }
 //! }
 //!
-//! `tests` (KTAP/TAP results, [`crate::ktap`]) is null unless `--junit` or `--report` was
+//! `tests` (KTAP/TAP results, [`crate::ci::ktap`]) is null unless `--junit` or `--report` was
 //! given and the VM ran; `result` is `pass`, `fail`, `skip`, `todo` or `error`.
 //! ```
 
 use std::path::Path;
 use std::time::Duration;
 
-use crate::config::Checks;
+use crate::ci::ktap::{self, Case, Results};
+use crate::ci::{Checks, Outcome};
 use crate::exit::ExitReason;
-use crate::ktap::{self, Case, Results};
 use crate::mux::HubStats;
-use crate::vmm::Outcome;
 
 /// Errors writing the report (or the JUnit file).
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +316,7 @@ pub fn write_atomic(option: &'static str, path: &Path, text: &str) -> Result<(),
     } else {
         "--report"
     };
-    crate::files::write_atomic(path, text.as_bytes(), what).map_err(|e| ReportError {
+    crate::host::files::write_atomic(path, text.as_bytes(), what).map_err(|e| ReportError {
         option,
         path: path.display().to_string(),
         source: e.into_io(),
@@ -391,19 +390,19 @@ mod tests {
             expect_progress: (0, 1),
             send_after_done: 0,
             consoles: vec![(stats, b"x".to_vec())],
-            tests: Some(crate::ktap::Results {
-                suites: vec![crate::ktap::Suite {
+            tests: Some(crate::ci::ktap::Results {
+                suites: vec![crate::ci::ktap::Suite {
                     name: "ktap".into(),
                     plan: Some(2),
                     cases: vec![
-                        crate::ktap::Case {
+                        crate::ci::ktap::Case {
                             name: "t1".into(),
-                            outcome: crate::ktap::Outcome::Skip("no hw".into()),
+                            outcome: crate::ci::ktap::Outcome::Skip("no hw".into()),
                             output: vec![],
                         },
-                        crate::ktap::Case {
+                        crate::ci::ktap::Case {
                             name: "t2".into(),
-                            outcome: crate::ktap::Outcome::Fail(String::new()),
+                            outcome: crate::ci::ktap::Outcome::Fail(String::new()),
                             output: vec![],
                         },
                     ],

@@ -15,7 +15,7 @@
 //!    while that is under way restores the terminal and exits at once with 128+N.
 //! 5. `SIGWINCH`: wakes the terminal-size watcher ([`resize_events`]).
 //! 6. The vCPU kick signal (its handler is empty: `KVM_RUN` returns `EINTR`).
-//! 7. `SIGSYS`, when seccomp is on: the violation report (see [`crate::seccomp`]).
+//! 7. `SIGSYS`, when seccomp is on: the violation report (see [`crate::vmm::seccomp`]).
 //!
 //! `microvm attach` installs steps 1 and 2 and restores the terminal on `SIGTERM`,
 //! `SIGINT` and `SIGHUP` before their default action ([`install_for_client`]).
@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::exit::{EXIT_SIGNAL_BASE, ExitNotifier, ExitReason};
-use crate::mux::term::restore_terminal;
+use crate::host::term::restore_terminal;
 
 /// Errors installing a disposition.
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +172,7 @@ pub fn install_for_vm(exit: &ExitNotifier, seccomp: bool) -> Result<(), SignalEr
         source: std::io::Error::other(e.to_string()),
     })?;
     if seccomp {
-        crate::seccomp::install_sigsys_handler().map_err(|e| SignalError::Handler {
+        crate::vmm::seccomp::install_sigsys_handler().map_err(|e| SignalError::Handler {
             what: "SIGSYS",
             source: std::io::Error::other(e.to_string()),
         })?;
@@ -209,17 +209,6 @@ pub fn resize_events() -> Result<EventFd, SignalError> {
     // The handler writes to this fd for the rest of the process's life.
     std::mem::forget(signal_side);
     Ok(evt)
-}
-
-/// Test-only: set to `event-loop` or `vcpu` to make that thread panic as it starts
-/// running the guest, so the tests can prove a panic ends the VM properly.
-pub const TEST_PANIC_ENV: &str = "MICROVM_TEST_PANIC";
-
-/// Panics if [`TEST_PANIC_ENV`] names `thread`.
-pub fn test_panic(thread: &str) {
-    if std::env::var_os(TEST_PANIC_ENV).is_some_and(|v| v == thread) {
-        panic!("{TEST_PANIC_ENV}={thread} asked for a panic");
-    }
 }
 
 /// The panic hook: one log line, and the panic becomes the VM's exit reason. It makes

@@ -221,7 +221,7 @@ impl Log for Logger {
 }
 
 fn line_end() -> &'static str {
-    if crate::mux::term::raw_active() {
+    if crate::host::term::raw_active() {
         "\r\n"
     } else {
         "\n"

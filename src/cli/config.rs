@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::arch::x86_64::kernel_probe::KernelConsoles;
 use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::host::units::{self, SizeUnit};
 use crate::mux::{ConsoleSpec, SpecError};
-use crate::units::{self, SizeUnit};
 
 /// The default kernel command line with the UART as the only console, chosen for a fast
 /// microVM boot: the console on the 16550, reset through the i8042 (`reboot=k`), reboot one
@@ -111,7 +112,7 @@ pub enum ConfigError {
     StdioTwice,
     /// A bad `--send-after` step.
     #[error(transparent)]
-    SendAfter(#[from] crate::send_after::SendAfterError),
+    SendAfter(#[from] crate::ci::send_after::SendAfterError),
     /// vCPUs beyond KVM's limit.
     #[error("--vcpus {given}: this host's KVM supports at most {max}")]
     TooManyVcpus {
@@ -163,45 +164,16 @@ pub struct VmConfig {
     /// then run on the remaining CPUs. Empty: no pinning.
     pub vcpu_affinity: Vec<usize>,
     /// Pass/fail checks for test guests and what to report at the end.
-    pub checks: Checks,
+    pub checks: crate::ci::Checks,
     /// Whether vCPU threads and the event loop run under their seccomp filters
     /// (`--no-seccomp` turns them off).
     pub seccomp: bool,
 }
 
-/// What decides a test guest's verdict, and what microvm reports when it ends
-/// (`--expect`, `--fail-on`, `--timeout`, `--boot-timer`, `--report`, `--tail-lines`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checks {
-    /// Patterns that must appear on the console, in this order; when the last has, the
-    /// VM stops with status 0.
-    pub expect: Vec<String>,
-    /// Patterns that end the run at once with a failure when they appear.
-    pub fail_on: Vec<String>,
-    /// Stop the VM after this long (status 124).
-    pub timeout: Option<Duration>,
-    /// Print the boot time (start to the guest's boot-timer write) on stderr at exit.
-    pub boot_timer: bool,
-    /// Write a JSON summary here at exit.
-    pub report: Option<PathBuf>,
-    /// `--send-after`: texts typed into the guest once their patterns appeared.
-    pub send_after: Vec<crate::send_after::Step>,
-    /// Write the console's KTAP/TAP results here as JUnit XML at exit; a failed or
-    /// unreported test (or none at all) then fails the run (status 122).
-    pub junit: Option<PathBuf>,
-    /// Console lines shown on stderr when the guest's run fails.
-    pub tail_lines: usize,
-}
-
 /// Parses `90`, `90s`, `1500ms`, `5m`, `1h` (a bare number is seconds; see
-/// [`crate::units`]).
+/// [`crate::host::units`]).
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     units::parse_duration(s).ok_or_else(|| ConfigError::BadDuration(s.to_string()))
-}
-
-/// A duration as the user would write it (`90s`, `1500ms`, `5m`).
-pub fn format_duration(d: Duration) -> String {
-    units::format_duration(d)
 }
 
 /// Checks `--expect`/`--fail-on` patterns (non-empty).
@@ -289,7 +261,7 @@ pub fn parse_console(option: &'static str, spec: &str) -> Result<ConsoleSpec, Co
 }
 
 /// Parses a `--memory` size: `256M`, `1G`, `512` (MiB when no suffix), `4096K`, `1GiB`,
-/// `16777216B` (bytes); see [`crate::units`].
+/// `16777216B` (bytes); see [`crate::host::units`].
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     units::parse_size(s, SizeUnit::MiB).ok_or_else(|| ConfigError::BadSize(s.to_string()))
 }
@@ -341,7 +313,7 @@ pub fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// Which console the default command line names (see [`crate::kernel_probe`]).
+/// Which console the default command line names (see [`crate::arch::x86_64::kernel_probe`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultConsole {
     /// `earlycon=uart8250,io,0x3f8 console=ttyS0`: the console every kernel has when
@@ -350,6 +322,16 @@ pub enum DefaultConsole {
     /// `earlycon=uart8250,io,0x3f8 console=hvc0`: for kernels with virtio_mmio and
     /// virtio_console built in (hvc0 exists when init starts).
     Hvc0,
+}
+
+impl DefaultConsole {
+    /// The default line's console for a kernel: hvc0 only when it exists at boot.
+    pub fn for_kernel(kernel: &KernelConsoles) -> DefaultConsole {
+        match kernel {
+            KernelConsoles::Hvc0AtBoot => DefaultConsole::Hvc0,
+            _ => DefaultConsole::Uart,
+        }
+    }
 }
 
 /// True when `cmdline` has a `console=` parameter of its own.
@@ -471,7 +453,10 @@ mod tests {
             parse_duration("3d"),
             Err(ConfigError::BadDuration("3d".into()))
         );
-        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(
+            units::format_duration(Duration::from_millis(1500)),
+            "1500ms"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `microvm run --kernel K [--include PATH]... [--modules DIR] -- PROGRAM ARGS`: a host
 //! program as the workload of a fresh kernel, without a shared filesystem.
 //!
-//! The initramfs ([`crate::initramfs`]) holds busybox (the host's, for the init script's
+//! The initramfs ([`crate::ci::initramfs`]) holds busybox (the host's, for the init script's
 //! mounts, insmod and devmem), PROGRAM and every `--include`d path at their host paths
 //! with their shared libraries, and, when the kernel has no virtio console built in and
 //! `--modules` is given, virtio_mmio and virtio_console with their dependencies. It is
@@ -14,10 +14,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use crate::cli::RunCommand;
-use crate::config::{BootSource, ConfigError, VmConfig};
-use crate::initramfs::{Initramfs, InitramfsError};
-use crate::kernel_probe::{self, KernelConsoles};
+use crate::ci::initramfs::{Initramfs, InitramfsError};
 
 /// Where the host's busybox is looked for (after `$MICROVM_BUSYBOX`).
 const BUSYBOX: &[&str] = &[
@@ -32,12 +29,6 @@ const CONSOLE_MODULES: &[&str] = &["virtio_mmio", "virtio_console"];
 /// Errors preparing `microvm run`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A usage error (exit status 2).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// `--initrd` given to `run`.
-    #[error("microvm run builds its own initramfs; drop --initrd (add files with --include)")]
-    InitrdGiven,
     /// PROGRAM is not a file.
     #[error("microvm run: program {0} not found (give a path or a name in PATH)")]
     NoProgram(String),
@@ -57,10 +48,7 @@ pub enum RunError {
 impl RunError {
     /// True for a usage error (exit status 2).
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            RunError::Config(_) | RunError::InitrdGiven | RunError::NoProgram(_)
-        )
+        matches!(self, RunError::NoProgram(_))
     }
 }
 
@@ -138,49 +126,38 @@ fn memfd(data: &[u8]) -> Result<(OwnedFd, PathBuf), RunError> {
     ))
 }
 
-/// The VM for `microvm run`, and the memfd holding its initramfs (keep it open until
-/// the VM is built).
-pub fn prepare(cmd: &RunCommand) -> Result<(VmConfig, OwnedFd), RunError> {
-    if cmd.vm.initrd.is_some() {
-        return Err(RunError::InitrdGiven);
-    }
-    let mut config = cmd.vm.to_config()?;
-    let name = cmd.program.first().map(String::as_str).unwrap_or_default();
-    let program = find_program(name).ok_or_else(|| RunError::NoProgram(name.to_string()))?;
-    let program =
-        std::path::absolute(&program).map_err(|_| RunError::NoProgram(name.to_string()))?;
+/// The initramfs that runs `program` (its path or name first, then its arguments) with
+/// the `include`d paths, and with the console's modules from `modules` when given: a
+/// memfd, and its path for the loader (keep the fd open until the VM is built).
+pub fn initramfs(
+    program: &[String],
+    include: &[PathBuf],
+    modules: Option<&Path>,
+) -> Result<(OwnedFd, PathBuf), RunError> {
+    let name = program.first().map(String::as_str).unwrap_or_default();
+    let path = find_program(name).ok_or_else(|| RunError::NoProgram(name.to_string()))?;
+    let path = std::path::absolute(&path).map_err(|_| RunError::NoProgram(name.to_string()))?;
     let busybox = find_busybox().ok_or(RunError::NoBusybox)?;
     let mut fs = Initramfs::new();
     fs.file("/bin/busybox", &busybox)?;
     let mut lib_dirs = std::collections::BTreeSet::new();
     lib_dirs.extend(fs.include(&busybox)?);
-    lib_dirs.extend(fs.include(&program)?);
-    for p in &cmd.include {
+    lib_dirs.extend(fs.include(&path)?);
+    for p in include {
         lib_dirs.extend(fs.include(p)?);
     }
-    let modules = match (&cmd.modules, &config.boot) {
-        (Some(dir), BootSource::Linux { kernel, .. })
-            if config.virtio_console
-                && kernel_probe::probe(kernel) != KernelConsoles::Hvc0AtBoot =>
-        {
-            fs.modules(dir, CONSOLE_MODULES)?;
-            true
-        }
-        _ => false,
-    };
-    let mut argv = vec![program.to_string_lossy().into_owned()];
-    argv.extend(cmd.program.iter().skip(1).cloned());
+    if let Some(dir) = modules {
+        fs.modules(dir, CONSOLE_MODULES)?;
+    }
+    let mut argv = vec![path.to_string_lossy().into_owned()];
+    argv.extend(program.iter().skip(1).cloned());
     let dirs: Vec<String> = lib_dirs.into_iter().collect();
-    fs.bytes(
+    fs.file_from_bytes(
         "/init",
-        init_script(&argv, &dirs, modules).into_bytes(),
+        init_script(&argv, &dirs, modules.is_some()).into_bytes(),
         0o755,
     );
-    let (fd, path) = memfd(&fs.to_cpio()?)?;
-    if let BootSource::Linux { initrd, .. } = &mut config.boot {
-        *initrd = Some(path);
-    }
-    Ok((config, fd))
+    memfd(&fs.to_cpio()?)
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Builds a running VM from a [`VmConfig`], one function per boot step.
 
-use std::path::Path;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -9,32 +8,33 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::kernel_probe;
 use crate::arch::x86_64::layout::{
     ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, COM1_IRQ, COM1_PORT,
     COM1_PORT_LEN, DEBUG_MMIO_SIZE, DEBUG_MMIO_START, DEBUG_PORT, DEBUG_PORT_LEN, I8042_PORT,
     I8042_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, regs};
-use crate::config::{BootSource, ConfigError, VmConfig};
-use crate::console_checks::ConsoleChecks;
+use crate::ci::console_checks::ConsoleChecks;
+use crate::ci::ktap::KtapWatch;
+use crate::ci::panic_watch::PanicWatch;
+use crate::cli::config::{BootSource, ConfigError, DefaultConsole, VmConfig};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::debug_port::{BootTimer, DebugPort};
 use crate::devices::i8042::I8042;
-use crate::devices::uart::{Uart, UartInput};
+use crate::devices::uart::{Uart, UartFrontend};
 use crate::devices::virtio::VirtioInterrupt;
-use crate::devices::virtio::console::{Console, ConsoleInput, ConsoleTxHandler, RX_QUEUE};
+use crate::devices::virtio::console::{Console, ConsoleFrontend, ConsoleTxHandler, RX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::exit::ExitNotifier;
-use crate::kernel_probe;
-use crate::ktap::KtapWatch;
-use crate::mux::{ConsoleSpec, FrontendInput, Hub, HubWriter, MuxError, term};
-use crate::panic_watch::PanicWatch;
-use crate::seccomp::{Filters, SeccompError};
+use crate::host::term;
+use crate::mux::{ConsoleSpec, Frontend, Hub, HubWriter, MuxError};
+use crate::vmm::seccomp::{SeccompError, SeccompStart};
 use crate::vmm::{Consoles, RunChecks, Vmm};
 use crate::vstate::bus::{Bus, BusError};
 use crate::vstate::coalesced::{CoalescedFlush, CoalescedRing};
 use crate::vstate::memory::{self, GuestMemory};
-use crate::vstate::vcpu::{self, Buses, SeccompStart, StopFlag};
+use crate::vstate::vcpu::{self, Buses, StopFlag};
 use crate::vstate::vm::{self, Vm};
 
 /// Where tiny real-mode guests are loaded and started.
@@ -77,13 +77,13 @@ pub enum BuildError {
     Console(#[from] MuxError),
     /// A signal handler could not be installed.
     #[error(transparent)]
-    Signals(#[from] crate::signals::SignalError),
+    Signals(#[from] crate::vmm::signals::SignalError),
     /// The seccomp filters could not be built or their SIGSYS handler installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
     /// `--send-after` could not be set up.
     #[error(transparent)]
-    SendAfter(#[from] crate::send_after::SendAfterError),
+    SendAfter(#[from] crate::ci::send_after::SendAfterError),
     /// Two devices claim the same addresses (a bug).
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -130,11 +130,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::Kvm { what, source }
 }
 
-/// True when the host's KVM is PVM, which cannot run ordinary kernels.
-pub fn host_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// Refuses, in one line, to boot an ordinary kernel on a PVM host.
 fn check_pvm(boot: &BootSource) -> Result<(), BuildError> {
     if let BootSource::Linux {
@@ -143,7 +138,7 @@ fn check_pvm(boot: &BootSource) -> Result<(), BuildError> {
     {
         let looks_pvm = boot::kernel_version_string(kernel)
             .is_some_and(|v| v.to_ascii_lowercase().contains("pvm"));
-        if host_is_pvm() && !pvm_guest && !looks_pvm {
+        if !pvm_guest && !looks_pvm && vm::HostKvm::detect() == vm::HostKvm::Pvm {
             return Err(BuildError::PvmHost(kernel.display().to_string()));
         }
     }
@@ -153,7 +148,7 @@ fn check_pvm(boot: &BootSource) -> Result<(), BuildError> {
 /// Opens KVM and checks the configuration against what it supports.
 fn open_kvm(config: &VmConfig) -> Result<Kvm, BuildError> {
     let kvm = vm::open_kvm()?;
-    crate::config::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
+    crate::cli::config::check_vcpus(config.vcpus, kvm.get_max_vcpus())?;
     Ok(kvm)
 }
 
@@ -175,11 +170,10 @@ fn load_guest(
             // The default console, when the image decides it: scanned where the kernel
             // now lies uncompressed, else read from the file.
             let cmdline = cmdline.render(|| {
-                match k.image {
+                DefaultConsole::for_kernel(&match k.image {
                     Some((start, len)) => kernel_probe::probe_loaded(mem, start, len),
                     None => kernel_probe::probe(kernel),
-                }
-                .default_console()
+                })
             });
             let rd = initrd
                 .as_deref()
@@ -254,7 +248,7 @@ fn create_uart(vm: &Vm, consoles: &Consoles, pio: &mut Bus) -> Result<(), BuildE
     let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("eventfd"))?);
     let uart = hub.attach_frontend("ttyS0", |out| {
         let uart = Arc::new(Mutex::new(Uart::new(irq, drained.clone(), out)));
-        let input: Box<dyn FrontendInput> = Box::new(UartInput::new(uart.clone(), drained));
+        let input: Box<dyn Frontend> = Box::new(UartFrontend::new(uart.clone(), drained));
         (input, uart)
     })?;
     pio.insert(u64::from(COM1_PORT), u64::from(COM1_PORT_LEN), uart)?;
@@ -333,17 +327,18 @@ fn create_virtio_console(
         console.set_input_ready_event(rx_evt.clone());
         console.set_tx_continue_event(tx_continue);
         let console = Arc::new(Mutex::new(console));
-        let input: Box<dyn FrontendInput> = Box::new(VirtioInput {
-            input: ConsoleInput::new(console.clone(), rx_evt.clone()),
+        let frontend: Box<dyn Frontend> = Box::new(ConsoleFrontend::new(
+            console.clone(),
+            rx_evt.clone(),
             resume,
-        });
-        (input, console)
+        ));
+        (frontend, console)
     })?;
     // The guest's hvc0 follows the host terminal's size (VIRTIO_CONSOLE_F_SIZE).
     if tty_size.is_some() {
         let resized = console.clone();
         let watcher = term::ResizeWatcher::new(
-            crate::signals::resize_events()?,
+            crate::vmm::signals::resize_events()?,
             libc::STDOUT_FILENO,
             Box::new(move |cols, rows| {
                 if let Ok(mut c) = resized.lock() {
@@ -362,35 +357,6 @@ fn create_virtio_console(
     let tx_handler = ConsoleTxHandler::new(console.clone(), tx_evt).map_err(host_err("timerfd"))?;
     event_manager.add_subscriber(Arc::new(Mutex::new(tx_handler)));
     Ok(())
-}
-
-/// The virtio console's hub frontend: its input side, and the transmit handler's
-/// eventfd, kicked when the hub's consumers have caught up.
-struct VirtioInput {
-    input: ConsoleInput<HubWriter, Arc<VirtioInterrupt>>,
-    resume: EventFd,
-}
-
-impl FrontendInput for VirtioInput {
-    fn accept(&mut self, data: &[u8]) -> usize {
-        self.input.accept(data)
-    }
-
-    fn drained_fd(&self) -> std::os::fd::RawFd {
-        self.input.drained_fd()
-    }
-
-    fn ack_drained(&mut self) {
-        self.input.ack_drained();
-    }
-
-    fn is_open(&self) -> bool {
-        self.input.is_open()
-    }
-
-    fn resume_output(&mut self) {
-        let _ = self.resume.write(1);
-    }
 }
 
 /// The DSDT entry through which ACPI kernels find the virtio console.
@@ -479,13 +445,13 @@ fn start_vcpus(
             exit.clone(),
             stop.clone(),
             config.vcpu_affinity.clone(),
-            seccomp.cloned(),
+            seccomp.map(SeccompStart::confine_vcpu),
         )?);
     }
     // The calling thread runs the event loop: keep it off the vCPUs' CPUs when others
     // are left, so that a vCPU spinning in the guest never delays the device work it
     // waits for.
-    let others: Vec<usize> = (0..crate::config::host_cpus())
+    let others: Vec<usize> = (0..crate::cli::config::host_cpus())
         .filter(|c| !config.vcpu_affinity.is_empty() && !config.vcpu_affinity.contains(c))
         .collect();
     if let Err(e) = vcpu::pin_current_thread(&others) {
@@ -504,7 +470,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let exit = ExitNotifier::new().map_err(host_err("exit eventfd"))?;
     // Before any console exists: the terminal is restored on every exit path from the
     // moment raw mode can be entered.
-    crate::signals::install_for_vm(&exit, config.seccomp)?;
+    crate::vmm::signals::install_for_vm(&exit, config.seccomp)?;
     let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| host_err("epoll")(std::io::Error::other(format!("{e:?}"))))?;
     let acpi_devices: Vec<acpi::AcpiDevice> = config
@@ -523,7 +489,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     let send_after = match consoles.hubs.first() {
         Some(hub) => {
             let mut hub = hub.lock().unwrap_or_else(|p| p.into_inner());
-            crate::send_after::attach(&mut hub, &config.checks.send_after)?
+            crate::ci::send_after::attach(&mut hub, &config.checks.send_after)?
         }
         None => Default::default(),
     };
@@ -552,10 +518,7 @@ pub fn build(config: &VmConfig, started: Instant) -> Result<Vmm, BuildError> {
     // Everything is set up: from here on each thread may do only what its filter allows.
     // The vCPU threads wait at the gate until `Vmm::run` has filtered the event loop.
     let seccomp = if config.seccomp {
-        Some(SeccompStart {
-            filters: Arc::new(Filters::build()?),
-            gate: Arc::new(Barrier::new(usize::from(config.vcpus) + 1)),
-        })
+        Some(SeccompStart::new(usize::from(config.vcpus))?)
     } else {
         None
     };

@@ -1,6 +1,6 @@
 //! Terminal handling for the `stdio` backend and `microvm attach`: raw mode that is
 //! restored on every exit path (drop, `shutdown`, and through [`restore_terminal`], which
-//! is async-signal-safe, from the dispositions [`crate::signals`] installs: `atexit`,
+//! is async-signal-safe, from the dispositions [`crate::vmm::signals`] installs: `atexit`,
 //! panics, SIGTERM/SIGHUP/SIGINT/SIGQUIT/SIGABRT), the terminal's size, and its resize
 //! watcher. Nothing here changes the file status flags of a descriptor shared with the
 //! parent (the stdio backend writes through a private description, see
@@ -146,7 +146,7 @@ pub struct ResizeWatcher {
 }
 
 impl ResizeWatcher {
-    /// Watches `fd`'s terminal, woken by `evt` (from [`crate::signals::resize_events`]).
+    /// Watches `fd`'s terminal, woken by `evt` (from [`crate::vmm::signals::resize_events`]).
     pub fn new(evt: EventFd, fd: RawFd, on_resize: Box<dyn FnMut(u16, u16) + Send>) -> Self {
         ResizeWatcher { evt, fd, on_resize }
     }

@@ -18,7 +18,7 @@ pub fn check(data: &[u8], clean: bool) -> Results {
     let r = p.finish("fuzz", clean);
     let c: Counts = r.counts();
     assert!(c.failures + c.errors + c.skipped <= c.tests);
-    let xml = crate::junit::render(&r, "fuzz", 0.0);
+    let xml = crate::ci::junit::render(&r, "fuzz", 0.0);
     assert!(
         !xml.chars()
             .any(|c| (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r')),
