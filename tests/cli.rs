@@ -26,12 +26,12 @@ fn microvm(args: &[&str]) -> Out {
 fn microvm_env(args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut cmd = Command::new(MICROVM);
     cmd.args(args).envs(env.iter().copied());
-    run_bounded(cmd)
+    run_out(cmd)
 }
 
 /// Runs `cmd` (stdin /dev/null) and fails the test if it does not end within
 /// [`TIMEOUT`]: no bad input may make microvm hang.
-fn run_bounded(cmd: Command) -> Out {
+fn run_out(cmd: Command) -> Out {
     let r = common::proc::run_bounded(cmd, None, TIMEOUT);
     Out {
         code: r.status,
@@ -359,7 +359,7 @@ fn as_unprivileged(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     if root {
         cmd.uid(65534).gid(65534);
     }
-    run_bounded(cmd)
+    run_out(cmd)
 }
 
 #[test]
@@ -717,7 +717,7 @@ fn max_clients_beyond_the_open_file_limit_is_refused_at_start() {
             Ok(())
         });
     }
-    let o = run_bounded(cmd);
+    let o = run_out(cmd);
     assert_error(&o, 2, "ulimit -n");
     assert!(o.stderr.contains("max-clients"), "{}", o.stderr);
     assert!(!sock.exists(), "no socket was created");

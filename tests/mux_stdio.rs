@@ -84,6 +84,7 @@ fn stdin_eof_and_closed_stdout_do_not_stop_the_vm() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// [`pty::termios`] of `fd`; an error fails the test.
 fn termios(fd: &impl AsRawFd) -> libc::termios {
     pty::termios(fd.as_raw_fd()).unwrap()
 }

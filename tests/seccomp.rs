@@ -18,13 +18,14 @@ use std::process::{Command, Output, Stdio};
 const HOOK: &str = "MICROVM_TEST_SECCOMP_VIOLATION";
 
 /// The guest of these runs: prints "hello", powers off.
-fn image(name: &str) -> PathBuf {
+fn hello_image(name: &str) -> PathBuf {
     tiny::need_kvm();
     tiny::image(name, &hello_guest("hello\n"))
 }
 
-fn run(name: &str, hook: Option<&str>, extra: &[&str]) -> Output {
-    let img = image(name);
+/// Runs the hello guest with `hook` set (or unset) and `extra` arguments.
+fn run_with_hook(name: &str, hook: Option<&str>, extra: &[&str]) -> Output {
+    let img = hello_image(name);
     let mut cmd = Command::new(MICROVM);
     cmd.arg("--real-mode-image").arg(&img).args(extra);
     cmd.stdin(Stdio::null());
@@ -65,13 +66,13 @@ fn assert_refused(out: &Output, thread: &str) {
 
 #[test]
 fn event_loop_socket_is_refused() {
-    let out = run("el", Some("event-loop"), &[]);
+    let out = run_with_hook("el", Some("event-loop"), &[]);
     assert_refused(&out, "event-loop");
 }
 
 #[test]
 fn vcpu_socket_is_refused_before_the_guest_runs() {
-    let out = run("vcpu", Some("vcpu"), &[]);
+    let out = run_with_hook("vcpu", Some("vcpu"), &[]);
     assert_refused(&out, "vcpu0");
     assert!(out.stdout.is_empty(), "{:?}", out.stdout);
 }
@@ -79,7 +80,7 @@ fn vcpu_socket_is_refused_before_the_guest_runs() {
 #[test]
 fn no_seccomp_lets_the_same_runs_go_on() {
     for hook in ["event-loop", "vcpu"] {
-        let out = run(&format!("off-{hook}"), Some(hook), &["--no-seccomp"]);
+        let out = run_with_hook(&format!("off-{hook}"), Some(hook), &["--no-seccomp"]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -93,12 +94,13 @@ fn no_seccomp_lets_the_same_runs_go_on() {
 
 #[test]
 fn filtered_run_is_unchanged() {
-    let out = run("on", None, &[]);
+    let out = run_with_hook("on", None, &[]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, b"hello\n");
     assert!(seccomp_lines(&out.stderr).is_empty());
 }
 
+/// The local modes of the terminal `fd` ([`pty::termios`]); an error fails the test.
 fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
     pty::termios(fd.as_raw_fd()).unwrap().c_lflag
 }
@@ -111,7 +113,7 @@ fn violation_on_a_terminal_restores_it() {
         let (master, slave) = pty::openpty(None).unwrap();
         let cooked = lflag(&slave);
         assert_ne!(cooked & libc::ICANON, 0);
-        let img = image(&format!("pty-{hook}"));
+        let img = hello_image(&format!("pty-{hook}"));
         let out = Command::new(MICROVM)
             .arg("--real-mode-image")
             .arg(&img)

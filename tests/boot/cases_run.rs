@@ -76,17 +76,10 @@ fn build_initrd(
     std::fs::write(out, cpio).map_err(|e| format!("{}: {e}", out.display()))
 }
 
-/// `microvm --kernel KERNEL --initrd INITRD COMMON EXTRA...` with stdout piped.
+/// `microvm --kernel KERNEL --initrd INITRD COMMON EXTRA...` with stdin and stdout piped.
 fn command(ctx: &Ctx, kernel: &Path, initrd: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(&ctx.bin);
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .args(&ctx.common_args)
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+    let mut cmd = ctx.command_for(kernel, initrd, extra);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     cmd
 }
 

@@ -34,13 +34,18 @@ pub struct Live {
 }
 
 impl Ctx {
-    /// `microvm --kernel K --initrd I EXTRA...`, not started.
+    /// `microvm --kernel K --initrd I EXTRA...` (the reference guest), not started.
     pub fn command(&self, extra: &[&str]) -> Command {
+        self.command_for(&self.kernel, &self.initrd, extra)
+    }
+
+    /// `microvm --kernel KERNEL --initrd INITRD EXTRA...` (another guest), not started.
+    pub fn command_for(&self, kernel: &Path, initrd: &Path, extra: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--kernel")
-            .arg(&self.kernel)
+            .arg(kernel)
             .arg("--initrd")
-            .arg(&self.initrd)
+            .arg(initrd)
             .args(&self.common_args)
             .args(extra);
         cmd
