@@ -4,11 +4,14 @@
 //! `socket(AF_INET, ...)` right after its filter is installed: microvm must die with one
 //! line naming the thread and the syscall, status 1, and the terminal restored; with
 //! `--no-seccomp` the same run must go on as usual. The `MICROVM_TEST_PANIC` hook panics
-//! on a filtered thread: status 1, one line, the report, and no seccomp trip.
+//! on a filtered thread: status 1, one line, the report, and no seccomp trip. The hooks
+//! exist only in a build with the `test-hooks` feature (`make test` has it); without it
+//! the tests that need them fail at once, saying so.
 
 mod common;
 
-use common::proc::MICROVM;
+use common::TIMEOUT;
+use common::proc::{MICROVM, run_bounded};
 use common::tiny::{self, hello_guest, spin_guest};
 use common::{fs::tmpdir, pty};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,6 +19,19 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 const HOOK: &str = "MICROVM_TEST_SECCOMP_VIOLATION";
+
+/// Fails the test unless the binary has its test hooks (a run without them would wait
+/// on a guest that never breaks a rule, or prove nothing).
+#[cfg(not(feature = "test-hooks"))]
+fn need_hooks() {
+    panic!(
+        "these tests drive the binary's test hooks: build with --features test-hooks (make test does)"
+    );
+}
+
+/// The hooks are built in.
+#[cfg(feature = "test-hooks")]
+fn need_hooks() {}
 
 /// The guest of these runs: prints "hello", powers off.
 fn hello_image(name: &str) -> PathBuf {
@@ -25,6 +41,9 @@ fn hello_image(name: &str) -> PathBuf {
 
 /// Runs the hello guest with `hook` set (or unset) and `extra` arguments.
 fn run_with_hook(name: &str, hook: Option<&str>, extra: &[&str]) -> Output {
+    if hook.is_some() {
+        need_hooks();
+    }
     let img = hello_image(name);
     let mut cmd = Command::new(MICROVM);
     cmd.arg("--real-mode-image").arg(&img).args(extra);
@@ -109,6 +128,7 @@ fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
 /// from a vCPU thread as from the event loop.
 #[test]
 fn violation_on_a_terminal_restores_it() {
+    need_hooks();
     for (hook, thread) in [("vcpu", "vcpu0"), ("event-loop", "event-loop")] {
         let (master, slave) = pty::openpty(None).unwrap();
         let cooked = lflag(&slave);
@@ -137,21 +157,20 @@ fn violation_on_a_terminal_restores_it() {
 /// the VM hung; under the filters its panic hook tripped seccomp).
 #[test]
 fn a_panic_on_any_thread_ends_the_vm_with_status_1() {
+    need_hooks();
     let d = tmpdir("panic");
     for thread in ["vcpu", "event-loop"] {
         let report = d.join(format!("{thread}.json"));
         let img = tiny::image(thread, &spin_guest());
-        let out = Command::new(MICROVM)
-            .arg("--real-mode-image")
+        let mut cmd = Command::new(MICROVM);
+        cmd.arg("--real-mode-image")
             .arg(&img)
             .args(["--console", "ring", "--report", report.to_str().unwrap()])
-            .env("MICROVM_TEST_PANIC", thread)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+            .env("MICROVM_TEST_PANIC", thread);
+        let out = run_bounded(cmd, None, TIMEOUT);
         let _ = std::fs::remove_file(img);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{thread}: {stderr}");
+        let stderr = out.stderr;
+        assert_eq!(out.status, 1, "{thread}: {stderr}");
         assert!(
             stderr.contains("internal error: thread"),
             "{thread}: {stderr}"
