@@ -12,7 +12,7 @@ for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 
-# The JUnit schema --junit's output is checked against (tests/kvm_tiny.rs): the Jenkins
+# The JUnit schema --junit's output is checked against (tests/ci.rs): the Jenkins
 # xUnit plugin's junit-10.xsd, as shipped in pytest's source distribution on PyPI (its
 # own junitxml tests use it). Pinned, fetched once into $MICROVM_CACHE.
 junit_xsd() {

@@ -8,6 +8,12 @@
 //! `microvm::mux::auth::fuzzing`) and panic when a property
 //! fails; `scripts/fuzz.sh` runs the real fuzzer (cargo-fuzz) for a bounded time.
 
+#[cfg(not(feature = "fuzzing"))]
+compile_error!(
+    "tests/fuzz_corpus.rs replays the fuzz harnesses, which only the `fuzzing` feature builds: \
+     run `make test`, or `cargo test --features fuzzing,test-hooks`"
+);
+
 use std::path::{Path, PathBuf};
 
 use microvm::devices::uart::fuzzing as uart;

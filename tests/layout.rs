@@ -131,8 +131,12 @@ fn map_names(doc: &str, rel: &str) -> bool {
     }
     let mut section: Option<&str> = None;
     for line in doc.lines() {
-        if line.starts_with("src/") {
-            section = line.split_whitespace().next().filter(|h| h.ends_with('/'));
+        // A heading starts at the left margin; any such line ends the section before.
+        if !line.starts_with(char::is_whitespace) {
+            section = line
+                .split_whitespace()
+                .next()
+                .filter(|h| h.starts_with("src/") && h.ends_with('/'));
         }
         if let Some(dir) = section
             && let Some(inner) = rel.strip_prefix(dir)
@@ -175,6 +179,11 @@ fn the_map_check_resolves_paths_under_their_folder_heading() {
         "mod.rs is named under src/ci/ only"
     );
     assert!(!map_names(doc, "src/mux/epoll.rs"));
+    let doc = "src/vmm/  core\n  mod.rs x\ntests/  signals.rs\n";
+    assert!(
+        !map_names(doc, "src/vmm/signals.rs"),
+        "tests/ ends the src/vmm/ section"
+    );
 }
 
 #[test]

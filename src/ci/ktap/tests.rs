@@ -235,7 +235,9 @@ proptest! {
         prop_assert_eq!(p.finish("x", true), whole);
     }
 
-    /// Any bytes: no panic, and the counts add up.
+    /// Any bytes: no panic, and the counts add up (through the fuzz harness, so only
+    /// with the `fuzzing` feature, as `make test` builds).
+    #[cfg(feature = "fuzzing")]
     #[test]
     fn any_bytes(data in proptest::collection::vec(any::<u8>(), 0..4096), clean: bool) {
         let r = fuzzing::check(&data, clean);
